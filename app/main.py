@@ -1,0 +1,70 @@
+"""The application factory: settings → engine → service → routers, and model loading at start."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+from starlette.formparsers import MultiPartParser
+
+from app.api import audio, health, models
+from app.errors import install_error_handlers
+from app.limits import UploadSizeLimit
+from app.service import TranscriptionService
+from app.settings import Settings
+from optim.engine import WhisperEngine
+from optim.weights import resolve_model_sources
+
+log = logging.getLogger("app")
+
+
+def _load_models(service: TranscriptionService) -> None:
+    for model_id in service.preload:
+        try:
+            service.engine.load(model_id)
+        except Exception:
+            log.exception("could not load model %s", model_id)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    sources, preload = resolve_model_sources(settings.models, settings.models_dir)
+    if settings.default_model not in sources:
+        raise ValueError(f"DEFAULT_MODEL {settings.default_model!r} is not served; served: {', '.join(sources)}")
+    engine = WhisperEngine(
+        sources,
+        device=settings.device,
+        condition_on_previous_text=settings.condition_on_previous_text,
+        silence_peak=settings.silence_peak,
+    )
+    service = TranscriptionService(engine, settings, preload)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Load in the background: /health answers at once, /ready turns 200 when done.
+        loading = asyncio.create_task(asyncio.to_thread(_load_models, service))
+        yield
+        loading.cancel()
+        engine.close()
+
+    app = FastAPI(
+        title="whisper-serve",
+        summary="OpenAI-compatible Whisper transcription service",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.service = service
+    install_error_handlers(app)
+    app.add_middleware(UploadSizeLimit, max_bytes=settings.max_upload_bytes)
+    # Keep uploads in memory up to the size limit (Starlette spools to a temp file past 1 MiB).
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_upload_bytes)
+    for router in (health.router, models.router, audio.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,60 @@
+"""Every setting of the service, read from the environment (or a `.env` file) in one place."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, description="Port to listen on.")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["tiny.en", "base"],
+        description="Models loaded at start-up, comma-separated: bundled names (tiny.en, base), "
+        "names found in MODELS_DIR, or paths to a .pt checkpoint / CTranslate2 folder.",
+    )
+    default_model: str = Field("base", description="Model used for `whisper-1` and when a request names none.")
+    models_dir: Path = Field(
+        Path("models"),
+        description="Folder scanned for extra models (NAME.pt checkpoints, CTranslate2 folders); served, loaded on first use.",
+    )
+    device: str = Field("auto", description="`auto` (CUDA when available, else CPU), `cpu` or `cuda`.")
+    torch_threads: int | None = Field(None, description="Threads torch uses inside one call (default: all cores).")
+    max_upload_mb: float = Field(25.0, gt=0, description="Largest accepted upload, in MiB (OpenAI's limit is 25).")
+    max_audio_seconds: float = Field(300.0, gt=0, description="Longest accepted audio, in seconds.")
+    condition_on_previous_text: bool = Field(
+        True, description="Feed each 30-s window the previous window's text (openai-whisper's default)."
+    )
+    silence_peak: float = Field(
+        1e-3, ge=0, description="Audio whose peak amplitude is below this is silence: empty text, no model call."
+    )
+    log_level: str = Field("info", description="Log level of the server.")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(",") if m.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _default_is_served(self) -> "Settings":
+        if not self.models:
+            raise ValueError("MODELS must name at least one model")
+        return self
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

