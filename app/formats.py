@@ -30,8 +30,8 @@ def as_json(t: Transcript) -> dict[str, Any]:
 def as_verbose_json(t: Transcript, words: bool) -> dict[str, Any]:
     body: dict[str, Any] = {
         "task": t.task,
-        # OpenAI reports the language by name ("english"), not by code.
-        "language": LANGUAGES.get(t.language, t.language),
+        # OpenAI reports the language by name ("english"), and for a translation the output's.
+        "language": "english" if t.task == "translate" else LANGUAGES.get(t.language, t.language),
         "duration": round(t.duration, 3),
         "text": t.text,
         "segments": [_segment(s) for s in t.segments],

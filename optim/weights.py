@@ -141,9 +141,8 @@ def read_ctranslate2(paths: Iterable[Path]) -> dict[str, torch.Tensor]:
                 tensor = torch.frombuffer(bytearray(data), dtype=torch.bfloat16).float()
             else:
                 array = np.frombuffer(data, dtype=_CT2_DTYPES[dtype_id])
-                if array.dtype.kind == "f":
-                    array = array.astype(np.float32)
-                tensor = torch.from_numpy(array.copy())
+                # astype makes the one (writable) copy torch needs; integer flags are tiny
+                tensor = torch.from_numpy(array.astype(np.float32) if array.dtype.kind == "f" else array.copy())
             variables[name] = tensor.reshape(shape)
         for _ in range(u32()):
             alias, target = string(), string()

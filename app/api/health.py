@@ -26,6 +26,7 @@ async def ready(service: Annotated[TranscriptionService, Depends(get_service)]) 
     body = {
         "status": "ready" if service.ready else "failed" if service.engine.load_errors else "loading",
         "models": {m: ("loaded" if m in loaded else "failed" if m in service.engine.load_errors else "loading") for m in service.preload},
+        "load_seconds": {m: round(loaded[m].load_seconds, 2) for m in service.preload if m in loaded},
         "errors": service.engine.load_errors,
     }
     return JSONResponse(body, status_code=200 if service.ready else 503)

@@ -1,0 +1,127 @@
+"""Shared fixtures: real clips from tests/data, loaded models, and a real server over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from jiwer import wer
+from whisper.normalizers import EnglishTextNormalizer
+
+DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).parent.parent
+
+
+@dataclass(frozen=True)
+class Clip:
+    id: str
+    path: Path
+    text: str
+    lang: str
+    duration: float
+
+    @property
+    def data(self) -> bytes:
+        return self.path.read_bytes()
+
+
+def _load_clips() -> dict[str, Clip]:
+    clips = {}
+    for line in (DATA / "manifest.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        clips[d["id"]] = Clip(d["id"], DATA / d["audio"], d["text"], d["lang"], d["duration_s"])
+    return clips
+
+
+CLIPS = _load_clips()
+ENGLISH_READ = [c for c in CLIPS.values() if c.id == "jfk" or c.id.startswith("lj-")]
+
+_normalize = EnglishTextNormalizer()
+
+
+def english_wer(references: list[str], hypotheses: list[str]) -> float:
+    """Corpus WER after Whisper's English normalizer (as the Whisper paper computes it)."""
+    return wer([_normalize(r) for r in references], [_normalize(h) or "<empty>" for h in hypotheses])
+
+
+@pytest.fixture(scope="session")
+def clips() -> dict[str, Clip]:
+    return CLIPS
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from optim.weights import load_model
+
+    return load_model("tiny.en")
+
+
+@pytest.fixture(scope="session")
+def base_model():
+    from optim.weights import load_model
+
+    return load_model("base")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m app` in a child process, on a loopback port, as a user would run it."""
+
+    def __init__(self, **env: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        environment = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "LOG_LEVEL": "warning", **env}
+        self.process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=environment)
+
+    def wait_ready(self, timeout: float = 120) -> "Server":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("server did not become ready")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="session")
+def server():
+    srv = Server(MODELS="tiny.en,base", DEFAULT_MODEL="base").wait_ready()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def http(server) -> httpx.Client:
+    with httpx.Client(base_url=server.url, timeout=300) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def openai_client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key="not-needed", timeout=300, max_retries=0)
