@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# The CPU wheel first: an unpinned torch would pull gigabytes of CUDA packages.
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
-	# openai-whisper without its `triton` dependency (CUDA-only; see pyproject.toml).
-	$(BIN)/python -m pip install --quiet --no-deps openai-whisper==$(WHISPER_VERSION)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# openai-whisper last and without its `triton` dependency (CUDA-only; pyproject.toml lists
+	# its other dependencies), so pip neither fetches triton nor reports it missing.
+	$(BIN)/python -m pip install --quiet --no-deps openai-whisper==$(WHISPER_VERSION)
 	touch $(STAMP)
 
 serve: install

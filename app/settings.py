@@ -18,12 +18,13 @@ class Settings(BaseSettings):
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["tiny.en", "base"],
         description="Models loaded at start-up, comma-separated: bundled names (tiny.en, base), "
-        "names found in MODELS_DIR, or paths to a .pt checkpoint / CTranslate2 folder.",
+        "names found in MODELS_DIR, or paths to a .pt checkpoint / CTranslate2 folder / Hugging Face folder.",
     )
     default_model: str = Field("base", description="Model used for `whisper-1` and when a request names none.")
     models_dir: Path = Field(
         Path("models"),
-        description="Folder scanned for extra models (NAME.pt checkpoints, CTranslate2 folders); served, loaded on first use.",
+        description="Folder scanned for extra models (NAME.pt checkpoints, CTranslate2 or Hugging Face folders); "
+        "served, loaded on first use.",
     )
     device: str = Field("auto", description="`auto` (CUDA when available, else CPU), `cpu` or `cuda`.")
     torch_threads: int | None = Field(None, description="Threads torch uses inside one call (default: all cores).")

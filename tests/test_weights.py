@@ -3,6 +3,7 @@ gives token for token what CTranslate2 itself (faster-whisper's engine) gives on
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import ctranslate2
@@ -13,7 +14,14 @@ import whisper
 from whisper.decoding import DecodingOptions
 
 from app.audio import decode_audio
-from optim.weights import BUNDLED_MODELS, bundled_model_files, load_model, read_ctranslate2, save_openai_checkpoint
+from optim.weights import (
+    BUNDLED_MODELS,
+    bundled_model_files,
+    hf_name_to_whisper,
+    load_model,
+    read_ctranslate2,
+    save_openai_checkpoint,
+)
 
 # Published parameter counts of the official checkpoints (WEIGHTS.md).
 PARAMETERS = {"tiny.en": 37_184_256, "base": 71_825_920}
@@ -106,3 +114,39 @@ def test_openai_checkpoint_round_trip(tiny_model, tmp_path, clips):
 def test_unknown_source_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no Whisper model"):
         load_model(tmp_path / "missing.pt")
+
+
+def test_hugging_face_folder(tiny_model, clips, tmp_path):
+    """transformers' own Whisper, given tiny.en through our name mapping, computes the same
+    logits as openai-whisper (so the mapping is right), and its saved folder loads here."""
+    import transformers
+
+    dims = tiny_model.dims
+    config = transformers.WhisperConfig(
+        vocab_size=dims.n_vocab, num_mel_bins=dims.n_mels, d_model=dims.n_audio_state,
+        encoder_layers=dims.n_audio_layer, encoder_attention_heads=dims.n_audio_head,
+        decoder_layers=dims.n_text_layer, decoder_attention_heads=dims.n_text_head,
+        encoder_ffn_dim=4 * dims.n_audio_state, decoder_ffn_dim=4 * dims.n_text_state,
+        max_source_positions=dims.n_audio_ctx, max_target_positions=dims.n_text_ctx,
+        decoder_start_token_id=50257, pad_token_id=50256, bos_token_id=50257, eos_token_id=50256,
+    )  # fmt: skip
+    hf_model = transformers.WhisperForConditionalGeneration(config).eval()
+    ours = tiny_model.state_dict()
+    hf_model.load_state_dict({name: ours[hf_name_to_whisper(name)] for name in hf_model.state_dict()}, strict=True)
+
+    mel = _mel(decode_audio(clips["jfk"].data).samples)[None]
+    tokens = torch.tensor([[50257, 50362, 843, 523]])  # <|startoftranscript|><|notimestamps|> And so
+    with torch.inference_mode():
+        expected = tiny_model.logits(tokens, tiny_model.embed_audio(mel))
+        theirs = hf_model(input_features=mel, decoder_input_ids=tokens).logits
+    # two implementations of the same float32 math: torch's float32 tolerance (measured: identical)
+    torch.testing.assert_close(theirs, expected)
+
+    folder = tmp_path / "hf-tiny.en"
+    hf_model.save_pretrained(folder)
+    heads = tiny_model.alignment_heads.to_dense().nonzero().tolist()
+    (folder / "generation_config.json").write_text(json.dumps({"alignment_heads": heads}))
+    loaded = load_model(folder)
+    with torch.inference_mode():
+        assert torch.equal(loaded.logits(tokens, loaded.embed_audio(mel)), expected)
+    assert torch.equal(loaded.alignment_heads.to_dense(), tiny_model.alignment_heads.to_dense())
