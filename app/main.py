@@ -27,6 +27,12 @@ def _load_models(service: TranscriptionService) -> None:
             service.engine.load(model_id)
         except Exception:
             log.exception("could not load model %s", model_id)
+    for model_id, variant in service.preload_variants:
+        try:
+            service.engine.preload_variant(model_id, variant)
+        except Exception as e:
+            service.engine.load_errors[f"{model_id}:{variant}"] = f"{type(e).__name__}: {e}"
+            log.exception("could not build variant %s:%s", model_id, variant)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -34,15 +40,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     sources, preload = resolve_model_sources(settings.models, settings.models_dir)
-    if settings.default_model not in sources:
-        raise ValueError(f"DEFAULT_MODEL {settings.default_model!r} is not served; served: {', '.join(sources)}")
     engine = WhisperEngine(
         sources,
         device=settings.device,
         condition_on_previous_text=settings.condition_on_previous_text,
         silence_peak=settings.silence_peak,
+        variants=settings.variants or None,
+        variant_budget_bytes=int(settings.variant_memory_mb * 2**20),
+        variant_idle_ttl=settings.variant_idle_ttl_s,
     )
-    service = TranscriptionService(engine, settings, preload)
+    service = TranscriptionService(engine, settings, preload)  # checks the defaults are served
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

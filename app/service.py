@@ -12,6 +12,7 @@ from app.errors import APIError
 from app.limits import UploadTooLarge
 from app.settings import Settings
 from optim.engine import EngineError, TranscriptionOptions, Transcript, UnknownModel, WhisperEngine
+from optim.registry import recommended
 
 # The model name OpenAI clients send by default; served by the configured default model.
 OPENAI_ALIAS = "whisper-1"
@@ -22,29 +23,60 @@ class TranscriptionService:
         self.engine = engine
         self.settings = settings
         self.preload = preload
+        if settings.default_model not in engine.sources:
+            raise ValueError(f"DEFAULT_MODEL {settings.default_model!r} is not served; served: {', '.join(engine.sources)}")
+        default = recommended(engine.device) if settings.default_variant == "auto" else settings.default_variant
+        self.default_variant = engine.check_variant(default)
+        self.preload_variants = [self._split(entry) for entry in settings.preload_variants]
+        for model_id, variant in self.preload_variants:
+            if model_id not in engine.sources:
+                raise ValueError(f"PRELOAD_VARIANTS names model {model_id!r}, which is not served")
+            engine.check_variant(variant)
 
     # ---------------------------------------------------------------- models
     def model_ids(self) -> list[str]:
-        return [*self.engine.sources, OPENAI_ALIAS]
+        """Every name a request may use: `model`, `model:variant` for each served variant, the alias."""
+        ids = []
+        for model_id in self.engine.sources:
+            ids += [model_id, *(f"{model_id}:{v}" for v in self.engine.variants)]
+        return [*ids, OPENAI_ALIAS]
 
     @property
     def ready(self) -> bool:
-        return all(m in self.engine.loaded for m in self.preload)
+        built = {(b.model_id, b.variant) for b in self.engine.variant_cache.built()}
+        preloaded = all((m, self.engine.check_variant(v)) in built for m, v in self.preload_variants)
+        return preloaded and all(m in self.engine.loaded for m in self.preload)
 
-    def resolve_model(self, requested: str | None) -> str:
-        model_id = self.settings.default_model if requested in (None, "", OPENAI_ALIAS) else requested
+    def _split(self, name: str) -> tuple[str, str]:
+        model_id, _, variant = name.partition(":")
+        return model_id, variant or self.default_variant
+
+    def resolve_model(self, requested: str | None, variant: str | None = None) -> tuple[str, str]:
+        """(model id, canonical variant) for a request's `model` (and optional `variant`) field."""
+        model_id, named_variant = self._split(self.settings.default_model if requested in (None, "", OPENAI_ALIAS) else requested)
         if model_id not in self.engine.sources:
             raise APIError(
                 404,
-                f"model {requested!r} does not exist; available: {', '.join(self.model_ids())}",
+                f"model {requested!r} does not exist; available: {', '.join(self.engine.sources)} "
+                f"(optionally as model:variant), or {OPENAI_ALIAS}",
                 UnknownModel.code,
                 "model",
             )
+        explicit = requested is not None and ":" in requested
+        if variant and explicit and self._canonical(variant) != self._canonical(named_variant):
+            raise APIError(400, f"model {requested!r} and variant {variant!r} disagree", "invalid_value", "variant")
+        chosen = self._canonical(variant or named_variant)
         if model_id in self.preload and model_id not in self.engine.loaded:
             reason = self.engine.load_errors.get(model_id)
             message = f"model {model_id!r} failed to load: {reason}" if reason else f"model {model_id!r} is still loading"
             raise APIError(503, message, "model_not_ready", "model", headers={"Retry-After": "5"})
-        return model_id
+        return model_id, chosen
+
+    def _canonical(self, variant: str) -> str:
+        try:
+            return self.engine.check_variant(variant)
+        except EngineError as e:
+            raise APIError(400, str(e), e.code, "model") from e
 
     # ---------------------------------------------------------------- stages
     async def read_upload(self, file: UploadFile) -> bytes:
@@ -60,11 +92,13 @@ class TranscriptionService:
             status = 415 if isinstance(e, UnsupportedAudio) else 413 if isinstance(e, AudioTooLong) else 400
             raise APIError(status, str(e), e.code, "file") from e
 
-    async def transcribe(self, file: UploadFile, model: str | None, options: TranscriptionOptions) -> Transcript:
-        model_id = self.resolve_model(model)
+    async def transcribe(
+        self, file: UploadFile, model: str | None, options: TranscriptionOptions, variant: str | None = None
+    ) -> Transcript:
+        model_id, variant = self.resolve_model(model, variant)
         try:
-            self.engine.check(model_id, options)  # cheap option checks before any audio work
+            self.engine.check(model_id, variant, options)  # cheap option checks before any audio work
             audio = await self.decode(await self.read_upload(file))
-            return await self.engine.transcribe(model_id, audio.samples, options)
+            return await self.engine.transcribe(model_id, audio.samples, options, variant)
         except EngineError as e:
             raise APIError(404 if isinstance(e, UnknownModel) else 400, str(e), e.code, e.param) from e

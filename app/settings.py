@@ -26,6 +26,24 @@ class Settings(BaseSettings):
         description="Folder scanned for extra models (NAME.pt checkpoints, CTranslate2 or Hugging Face folders); "
         "served, loaded on first use.",
     )
+    default_variant: str = Field(
+        "auto",
+        description="Variant used when a request names a model without one (`base` = `base:DEFAULT_VARIANT`); "
+        "`auto` is the recommended one for the device (CPU: int8+flash, CUDA: fp16+flash).",
+    )
+    variants: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Variants served, comma-separated (default: every valid combination)."
+    )
+    preload_variants: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="`model:variant` pairs built at start-up and never evicted, comma-separated (e.g. `base:int8+flash`).",
+    )
+    variant_memory_mb: float = Field(
+        1024.0, gt=0, description="Memory budget for built variants (least recently used are dropped past it)."
+    )
+    variant_idle_ttl_s: float | None = Field(
+        1800.0, description="Drop a built variant unused for this long (empty: never)."
+    )
     device: str = Field("auto", description="`auto` (CUDA when available, else CPU), `cpu` or `cuda`.")
     torch_threads: int | None = Field(None, description="Threads torch uses inside one call (default: all cores).")
     max_upload_mb: float = Field(25.0, gt=0, description="Largest accepted upload, in MiB (OpenAI's limit is 25).")
@@ -38,7 +56,7 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", description="Log level of the server.")
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "variants", "preload_variants", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
         if isinstance(value, str):
@@ -50,6 +68,11 @@ class Settings(BaseSettings):
         if not self.models:
             raise ValueError("MODELS must name at least one model")
         return self
+
+    @field_validator("variant_idle_ttl_s", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
 
     @property
     def max_upload_bytes(self) -> int:

@@ -26,6 +26,7 @@ import whisper.timing
 from whisper.model import Whisper
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 
+from optim.registry import REFERENCE, UnknownVariant, VariantCache, all_variants, canonical
 from optim.weights import load_model
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,8 @@ class UnsupportedOption(EngineError):
     code = "unsupported_option"
 
 
-class ModelNotReady(EngineError):
-    code = "model_not_ready"
+class VariantNotServed(EngineError):
+    code = "unknown_variant"
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class Transcript:
     duration: float  # audio seconds
     segments: list[Segment]
     model: str
+    variant: str
     task: Task
     queue_seconds: float = 0.0
     processing_seconds: float = 0.0
@@ -151,9 +153,18 @@ class WhisperEngine:
         device: str = "auto",
         condition_on_previous_text: bool = True,
         silence_peak: float = 1e-3,
+        variants: list[str] | None = None,
+        variant_budget_bytes: int = 2**30,
+        variant_idle_ttl: float | None = None,
     ):
         self.sources = dict(sources)  # id -> bundled name or path; everything that can be served
         self.device = resolve_device(device)
+        valid = all_variants(self.device)
+        self.variants = [canonical(v) for v in (variants or valid)]
+        unavailable = [v for v in self.variants if v not in valid]
+        if unavailable:
+            raise ValueError(f"variants {unavailable} are not available on {self.device}; available: {valid}")
+        self.variant_cache = VariantCache(variant_budget_bytes, variant_idle_ttl)
         self.condition_on_previous_text = condition_on_previous_text
         self.silence_peak = silence_peak
         self._models: dict[str, LoadedModel] = {}
@@ -194,13 +205,31 @@ class WhisperEngine:
             log.info("loaded %s on %s in %.2f s", model_id, self.device, loaded.load_seconds)
             return loaded
 
+    def preload_variant(self, model_id: str, variant: str) -> None:
+        """Build a variant now and keep it regardless of budget and TTL."""
+        variant = self.check_variant(variant)
+        self.variant_cache.pinned.add((model_id, variant))
+        self.variant_cache.get(model_id, self.load(model_id).model, variant)
+
     def close(self) -> None:
         for loaded in self._models.values():
             loaded.executor.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------- inference
-    def check(self, model_id: str, options: TranscriptionOptions) -> None:
+    def check_variant(self, variant: str) -> str:
+        """The canonical name of a served variant, or VariantNotServed listing the valid ones."""
+        valid = f"valid variants: {', '.join(self.variants)}"
+        try:
+            name = canonical(variant)
+        except UnknownVariant as e:
+            raise VariantNotServed(f"{e}; {valid}", "model") from e
+        if name not in self.variants:
+            raise VariantNotServed(f"variant {variant!r} is not served; {valid}", "model")
+        return name
+
+    def check(self, model_id: str, variant: str, options: TranscriptionOptions) -> None:
         """Reject options a model cannot honour before any audio work is done."""
+        self.check_variant(variant)
         if model_id not in self.sources:
             raise UnknownModel(f"model {model_id!r} does not exist; available: {', '.join(self.sources)}", "model")
         language = normalize_language(options.language)
@@ -213,19 +242,26 @@ class WhisperEngine:
             if language not in (None, "en"):
                 raise UnsupportedOption(f"model {model_id!r} is English-only; it cannot transcribe language {language!r}", "language")
 
-    async def transcribe(self, model_id: str, samples: np.ndarray, options: TranscriptionOptions) -> Transcript:
-        """Transcribe 16 kHz mono float32 samples on the model's worker thread."""
-        self.check(model_id, options)
+    async def transcribe(
+        self, model_id: str, samples: np.ndarray, options: TranscriptionOptions, variant: str = REFERENCE
+    ) -> Transcript:
+        """Transcribe 16 kHz mono float32 samples with a model variant, on the model's worker thread."""
+        self.check(model_id, variant, options)
         loop = asyncio.get_running_loop()
         loaded = self._models.get(model_id)
         if loaded is None:  # a served model that was not preloaded: load it off the event loop
             loaded = await loop.run_in_executor(None, self.load, model_id)
-            self.check(model_id, options)
+            self.check(model_id, variant, options)
         submitted = time.perf_counter()
-        return await loop.run_in_executor(loaded.executor, self._transcribe, loaded, samples, options, submitted)
+        return await loop.run_in_executor(
+            loaded.executor, self._transcribe, loaded, canonical(variant), samples, options, submitted
+        )
 
-    def _transcribe(self, loaded: LoadedModel, samples: np.ndarray, options: TranscriptionOptions, submitted: float) -> Transcript:
+    def _transcribe(
+        self, loaded: LoadedModel, variant: str, samples: np.ndarray, options: TranscriptionOptions, submitted: float
+    ) -> Transcript:
         started = time.perf_counter()
+        built = self.variant_cache.get(loaded.id, loaded.model, variant)  # built on first use
         duration = len(samples) / whisper.audio.SAMPLE_RATE
         language = normalize_language(options.language)
         if not loaded.multilingual:
@@ -236,7 +272,7 @@ class WhisperEngine:
         else:
             with torch.inference_mode():
                 result = whisper.transcribe(
-                    loaded.model,
+                    built.model,
                     torch.from_numpy(samples),
                     verbose=None,
                     temperature=(options.temperature,) if options.temperature > 0 else FALLBACK_TEMPERATURES,
@@ -245,7 +281,7 @@ class WhisperEngine:
                     word_timestamps=options.word_timestamps,
                     task=options.task,
                     language=language,
-                    fp16=loaded.device.startswith("cuda"),
+                    fp16=built.fp16_compute,
                 )
         finished = time.perf_counter()
         return Transcript(
@@ -254,6 +290,7 @@ class WhisperEngine:
             duration=duration,
             segments=[_segment(s, duration) for s in result["segments"]],
             model=loaded.id,
+            variant=variant,
             task=options.task,
             queue_seconds=started - submitted,
             processing_seconds=finished - started,

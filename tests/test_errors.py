@@ -46,6 +46,9 @@ def bad_inputs(clips, speech) -> dict[str, tuple[bytes, str, dict, int, str]]:
         "ten-minutes-mp3": (encode_audio(ten_minutes, "mp3", "libmp3lame", 16_000), "long.mp3", {}, 413, "audio_too_long"),
         "301-seconds-wav": (encode_audio(ten_minutes[: 301 * 16_000], "wav", "pcm_s16le"), "long.wav", {}, 413, "audio_too_long"),
         "unknown-model": (flac, "jfk.flac", {"model": "large-v9"}, 404, "model_not_found"),
+        "unknown-variant": (flac, "jfk.flac", {"model": "tiny.en:int4"}, 400, "unknown_variant"),
+        "conflicting-precisions": (flac, "jfk.flac", {"model": "tiny.en", "variant": "fp16+int8"}, 400, "unknown_variant"),
+        "model-and-variant-disagree": (flac, "jfk.flac", {"model": "tiny.en:int8", "variant": "flash"}, 400, "invalid_value"),
         "bad-response-format": (flac, "jfk.flac", {"response_format": "xml"}, 400, "invalid_value"),
         "temperature-too-high": (flac, "jfk.flac", {"temperature": "1.5"}, 400, "invalid_value"),
         "temperature-not-a-number": (flac, "jfk.flac", {"temperature": "warm"}, 400, "invalid_value"),
@@ -58,6 +61,7 @@ def bad_inputs(clips, speech) -> dict[str, tuple[bytes, str, dict, int, str]]:
 
 BAD_INPUTS = [
     "empty", "random-bytes", "text-named-wav", "truncated-flac", "ten-minutes-mp3", "301-seconds-wav", "unknown-model",
+    "unknown-variant", "conflicting-precisions", "model-and-variant-disagree",
     "bad-response-format", "temperature-too-high", "temperature-not-a-number", "unknown-language",
     "english-only-model-in-german", "words-without-verbose-json", "bad-granularity",
 ]  # fmt: skip
@@ -69,6 +73,8 @@ def test_bad_input_then_a_good_request(http, clips, bad_inputs, name):
     error = _assert_error(post(http, data, filename, **{"model": "tiny.en", **form}), status, code)
     if name == "unknown-model":  # names what can be asked for
         assert "tiny.en" in error["message"] and "base" in error["message"]
+    if name == "unknown-variant":  # lists the valid variants
+        assert "int8+flash" in error["message"] and "winograd" in error["message"]
     ok = post(http, clips["jfk"].data, "jfk.flac", model="tiny.en")
     assert ok.status_code == 200 and english_wer([clips["jfk"].text], [ok.json()["text"]]) <= 0.05
 
@@ -139,7 +145,7 @@ def test_models_dir_serves_a_user_checkpoint(tiny_model, clips, tmp_path):
     server = Server(MODELS="tiny.en", DEFAULT_MODEL="tiny.en", MODELS_DIR=str(tmp_path)).wait_ready()
     try:
         with httpx.Client(base_url=server.url, timeout=120) as http:
-            assert {m["id"] for m in http.get("/v1/models").json()["data"]} == {"tiny.en", "my-tiny", "whisper-1"}
+            assert {"tiny.en", "my-tiny", "my-tiny:int8", "whisper-1"} <= {m["id"] for m in http.get("/v1/models").json()["data"]}
             body = post(http, clips["jfk"].data, "jfk.flac", model="my-tiny").json()
             assert english_wer([clips["jfk"].text], [body["text"]]) <= 0.05
     finally:

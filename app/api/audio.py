@@ -39,6 +39,7 @@ async def _run(
     response_format: ResponseFormat,
     temperature: float,
     granularities: list[Granularity],
+    variant: str | None = None,
 ) -> Response:
     if "word" in granularities and response_format is not ResponseFormat.verbose_json:
         raise APIError(
@@ -47,11 +48,16 @@ async def _run(
     options = TranscriptionOptions(
         task=task, language=language, prompt=prompt, temperature=temperature, word_timestamps="word" in granularities
     )
-    transcript = await service.transcribe(file, model, options)
-    return render(transcript, response_format, granularities)
+    transcript = await service.transcribe(file, model, options, variant)
+    response = render(transcript, response_format, granularities)
+    response.headers["X-Model"] = f"{transcript.model}:{transcript.variant}"
+    return response
 
 
-ModelField = Annotated[str | None, Form(description="A served model id (see GET /v1/models) or `whisper-1`.")]
+ModelField = Annotated[
+    str | None, Form(description="A served model id, optionally `model:variant` (see GET /v1/models), or `whisper-1`.")
+]
+VariantField = Annotated[str | None, Form(description="A model variant (`fp32`, `int8+flash`, ...); same as `model:variant`.")]
 PromptField = Annotated[str | None, Form(description="Text to steer style or vocabulary; conditions the first window.")]
 FormatField = Annotated[ResponseFormat, Form()]
 TemperatureField = Annotated[float, Form(ge=0.0, le=1.0, description="0 = greedy with automatic fallback.")]
@@ -67,9 +73,10 @@ async def create_transcription(
     response_format: FormatField = ResponseFormat.json,
     temperature: TemperatureField = 0.0,
     timestamp_granularities: Annotated[list[Granularity], Form(alias="timestamp_granularities[]")] = ["segment"],
+    variant: VariantField = None,
 ) -> Response:
     return await _run(
-        service, "transcribe", file, model, language, prompt, response_format, temperature, timestamp_granularities
+        service, "transcribe", file, model, language, prompt, response_format, temperature, timestamp_granularities, variant
     )
 
 
@@ -81,5 +88,6 @@ async def create_translation(
     prompt: PromptField = None,
     response_format: FormatField = ResponseFormat.json,
     temperature: TemperatureField = 0.0,
+    variant: VariantField = None,
 ) -> Response:
-    return await _run(service, "translate", file, model, None, prompt, response_format, temperature, ["segment"])
+    return await _run(service, "translate", file, model, None, prompt, response_format, temperature, ["segment"], variant)

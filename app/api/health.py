@@ -23,9 +23,11 @@ async def health() -> dict:
 async def ready(service: Annotated[TranscriptionService, Depends(get_service)]) -> JSONResponse:
     """200 once every model configured for start-up is loaded; 503 until then (or if one failed)."""
     loaded = service.engine.loaded
+    built = {(b.model_id, b.variant) for b in service.engine.variant_cache.built()}
     body = {
         "status": "ready" if service.ready else "failed" if service.engine.load_errors else "loading",
         "models": {m: ("loaded" if m in loaded else "failed" if m in service.engine.load_errors else "loading") for m in service.preload},
+        "variants": {f"{m}:{v}": ("built" if (m, service.engine.check_variant(v)) in built else "building") for m, v in service.preload_variants},
         "load_seconds": {m: round(loaded[m].load_seconds, 2) for m in service.preload if m in loaded},
         "errors": service.engine.load_errors,
     }

@@ -1,0 +1,1 @@
+"""Model variants: each module is a transform `Whisper -> Whisper` (see optim/registry.py)."""
