@@ -11,7 +11,7 @@ from app.audio import Audio, AudioError, AudioTooLong, UnsupportedAudio, decode_
 from app.errors import APIError
 from app.limits import UploadTooLarge
 from app.settings import Settings
-from optim.engine import EngineError, TranscriptionOptions, Transcript, UnknownModel, WhisperEngine
+from optim.engine import EngineError, Transcript, TranscriptionOptions, UnknownModel, WhisperEngine
 from optim.registry import recommended
 
 # The model name OpenAI clients send by default; served by the configured default model.

@@ -18,8 +18,6 @@ Writes `<out>.json`, `<out>.md` and `<out>_speed_accuracy.png`, `<out>_memory.pn
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import platform
@@ -33,24 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
+from optim.memory import release_freed_memory, rss_mb
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MANIFEST = ROOT.parent / "shared" / "eval" / "en_read" / "manifest.jsonl"
 DEFAULT_VARIANTS = "fp32,fp16,int8,winograd,flash,int8+flash,int8+winograd+flash"
 ANCHORS = ("openai-whisper", "faster-whisper:float32", "faster-whisper:int8")
-
-
-def _memory_mb() -> tuple[float, float]:
-    """(current, peak) resident set size of this process, MB."""
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
-
-
-def _release_memory() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 # ------------------------------------------------------------------------------ one configuration
@@ -94,7 +80,7 @@ def _load_transcriber(model_name: str, engine: str, workdir: Path):
     source = load_model(model_name)
     model = source if engine == "openai-whisper" else build_variant(source, engine, in_place=True)
     del source
-    _release_memory()
+    release_freed_memory()
 
     def transcribe(samples: np.ndarray) -> str:
         with torch.inference_mode():
@@ -122,7 +108,7 @@ def run_configuration(model_name: str, engine: str, manifest: Path, workdir: Pat
     start = time.perf_counter()
     transcribe, weight_bytes = _load_transcriber(model_name, engine, workdir)
     load_seconds = time.perf_counter() - start
-    steady_mb = _memory_mb()[0]
+    steady_mb = rss_mb()[0]
     transcribe(audio[0])  # warm-up: first-call allocations and kernel selection
 
     latencies, hypotheses = [], []
@@ -149,7 +135,7 @@ def run_configuration(model_name: str, engine: str, manifest: Path, workdir: Pat
         "load_seconds": round(load_seconds, 2),
         "weights_mb": None if weight_bytes is None else round(weight_bytes / 2**20, 1),
         "rss_steady_mb": round(steady_mb, 1),
-        "rss_peak_mb": round(_memory_mb()[1], 1),
+        "rss_peak_mb": round(rss_mb()[1], 1),
         "hypotheses": hypotheses,
     }
 

@@ -32,16 +32,11 @@ from tqdm import tqdm
 from whisper.normalizers import EnglishTextNormalizer
 
 from app.audio import decode_audio
+from optim.memory import rss_mb
 from optim.weights import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 JFK = ROOT / "tests" / "data" / "jfk.flac"
-
-
-def _rss_mb(pid: int) -> tuple[float, float]:
-    """Current and peak resident set size of a process, MB (Linux /proc)."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
 def _machine() -> dict:
@@ -95,7 +90,7 @@ def main() -> None:
                 pass
             time.sleep(0.1)
         results["server_ready_seconds"] = round(time.perf_counter() - started, 2)
-        results["rss_after_load_mb"] = round(_rss_mb(server.pid)[0], 1)
+        results["rss_after_load_mb"] = round(rss_mb(server.pid)[0], 1)
         client = OpenAI(base_url=f"{url}/v1", api_key="none", timeout=600, max_retries=0)
 
         for model in models:
@@ -117,7 +112,7 @@ def main() -> None:
             row["service_wer"] = round(100 * _corpus_wer([i["text"] for i in items], hypotheses), 2)
             row["service_rtfx"] = round(audio_seconds / elapsed, 2)
             results["models"][model] = row
-        results["server_rss_mb"], results["server_peak_rss_mb"] = (round(x, 1) for x in _rss_mb(server.pid))
+        results["server_rss_mb"], results["server_peak_rss_mb"] = (round(x, 1) for x in rss_mb(server.pid))
     finally:
         server.terminate()
         server.wait(timeout=30)

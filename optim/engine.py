@@ -9,7 +9,6 @@ awaits the worker's future, so it stays free for other requests (health checks i
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import math
 import threading
@@ -26,6 +25,7 @@ import whisper.timing
 from whisper.model import Whisper
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 
+from optim.memory import release_freed_memory
 from optim.registry import REFERENCE, UnknownVariant, VariantCache, all_variants, canonical
 from optim.weights import load_model
 
@@ -192,7 +192,7 @@ class WhisperEngine:
                 self.load_errors[model_id] = f"{type(e).__name__}: {e}"
                 raise
             _warm_up_word_timing()
-            _release_freed_memory()
+            release_freed_memory()
             loaded = LoadedModel(
                 id=model_id,
                 model=model,
@@ -333,11 +333,3 @@ def _warm_up_word_timing() -> None:
         whisper.timing.dtw(torch.rand(8, 12))
         _word_timing_ready = True
 
-
-def _release_freed_memory() -> None:
-    """Hand the conversion's freed buffers back to the OS (glibc keeps them otherwise:
-    about 180 MB of resident memory after loading tiny.en and base)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass

@@ -12,7 +12,7 @@ from app.dependencies import get_service
 from app.errors import APIError
 from app.formats import ResponseFormat
 from app.service import TranscriptionService
-from optim.engine import Task, TranscriptionOptions, Transcript
+from optim.engine import Task, Transcript, TranscriptionOptions
 
 router = APIRouter(prefix="/v1/audio", tags=["audio"])
 

@@ -25,6 +25,7 @@ from torch.ao.nn.quantized import dynamic as quantized
 from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 from whisper.model import Whisper
 
+from optim.memory import release_freed_memory
 from optim.variants.modules import use_variant_decoder
 
 
@@ -34,7 +35,7 @@ class Int8Embedding(nn.Module):
     def __init__(self, weight: Tensor):
         super().__init__()
         scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
-        self.register_buffer("qweight", torch.round(weight / scale).to(torch.int8))
+        self.register_buffer("qweight", weight.div(scale).round_().to(torch.int8))  # one temporary
         self.register_buffer("scale", scale.float())
 
     def forward(self, tokens: Tensor) -> Tensor:
@@ -46,8 +47,9 @@ def apply_int8(model: Whisper) -> Whisper:
         raise ValueError("int8 uses PyTorch's CPU kernels (fbgemm); on CUDA use fp16")
     decoder = use_variant_decoder(model)
     embedding = decoder.token_embedding.weight.detach()
-    output = nn.Linear(embedding.shape[1], embedding.shape[0], bias=False)
-    output.weight = nn.Parameter(embedding.clone(), requires_grad=False)
+    with torch.device("meta"):  # no weights allocated: it adopts the embedding matrix (tied)
+        output = nn.Linear(embedding.shape[1], embedding.shape[0], bias=False)
+    output.weight = nn.Parameter(embedding, requires_grad=False)
     decoder.output_projection = output
     for module in model.modules():
         if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
@@ -59,6 +61,8 @@ def apply_int8(model: Whisper) -> Whisper:
         warnings.simplefilter("ignore", DeprecationWarning)
         quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
     decoder.token_embedding = Int8Embedding(embedding)
+    del embedding
+    release_freed_memory()
     return model
 
 
