@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -47,20 +46,9 @@ def _load_transcriber(model_name: str, engine: str, workdir: Path):
     if engine.startswith("faster-whisper"):
         from faster_whisper import WhisperModel
 
-        from optim.weights import bundled_model_files
+        from optim.weights import ctranslate2_folder
 
-        parts, config = bundled_model_files(model_name)
-        folder = parts[0].parent
-        if len(parts) > 1:  # CTranslate2 wants one model.bin: join the package's parts once
-            folder = workdir / model_name
-            if not (folder / "model.bin").exists():
-                folder.mkdir(parents=True, exist_ok=True)
-                with open(folder / "model.bin", "wb") as out:
-                    for part in parts:
-                        with open(part, "rb") as f:
-                            shutil.copyfileobj(f, out)
-                for extra in ("config.json", "tokenizer.json", "vocabulary.txt"):
-                    shutil.copy(config.parent / extra, folder / extra)
+        folder = ctranslate2_folder(model_name, workdir)
         compute_type = engine.split(":")[1]
         model = WhisperModel(str(folder), device="cpu", compute_type=compute_type, cpu_threads=os.cpu_count() or 1)
 

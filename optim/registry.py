@@ -80,15 +80,26 @@ def all_variants(device: str = "cpu") -> list[str]:
 
 
 def recommended(device: str = "cpu") -> str:
-    """The fastest combination that keeps accuracy, per benchmarks/variants.md: on CPU int8
-    weights with fused attention; on CUDA half precision with fused attention."""
-    return "int8+flash" if device == "cpu" else "fp16+flash"
+    """The fastest combination that keeps accuracy (benchmarks/variants.md). On CPU that is
+    `flash`: exact, 1.3× fp32. `int8+flash` is 2.8× but costs base 0.8 WER points, more than
+    the 0.5 we accept for a default (tiny.en loses nothing): clients ask for it by name. On
+    CUDA half precision with fused attention, openai-whisper's own choice there."""
+    return "flash" if device == "cpu" else "fp16+flash"
 
 
 def build_variant(model: Whisper, name: str, in_place: bool = False) -> Whisper:
     """`model` (float32) transformed into variant `name`: a new model, unless `in_place`
-    (for a caller that no longer needs the float32 model: it saves a copy's memory)."""
-    variant = apply_fp32(model if in_place else copy.deepcopy(model))  # eager attention unless `flash` replaces it
+    (for a caller that no longer needs the float32 model).
+
+    The new model's modules are copies, but its weights are the source's own tensors wherever
+    the variant does not change them (`fp32`, `flash`, and every weight that `int8` or
+    `winograd` replace by new ones), so those cost no memory; only `fp16`, which converts the
+    weights themselves, copies them.
+    """
+    if not in_place:
+        shared = {} if "fp16" in parse_variant(name) else {id(t): t for t in (*model.parameters(), *model.buffers())}
+        model = copy.deepcopy(model, memo=shared)
+    variant = apply_fp32(model)  # eager attention unless `flash` replaces it
     for technique in parse_variant(name):
         variant = TECHNIQUES[technique](variant)
     return variant.eval()
@@ -111,8 +122,8 @@ class BuiltVariant:
 class VariantCache:
     """Built variants by (model id, variant), least recently used first out.
 
-    The budget counts the variants' own weights (the float32 source models are not counted:
-    they are always loaded). A variant idle longer than `idle_ttl` seconds is dropped at the
+    The budget counts the memory each variant adds: weights it shares with its float32 source
+    (always loaded) are not counted. A variant idle longer than `idle_ttl` seconds is dropped at the
     next access; `pinned` variants (preloaded by setting) are never dropped.
     """
 
@@ -139,7 +150,8 @@ class VariantCache:
                     return self._built[key]
             start = time.perf_counter()
             model = build_variant(source, key[1])
-            built = BuiltVariant(model_id, key[1], model, time.perf_counter() - start, nbytes(model))
+            own_bytes = nbytes(model, shared_with=source)  # what this variant adds to memory
+            built = BuiltVariant(model_id, key[1], model, time.perf_counter() - start, own_bytes)
             with self._lock:
                 self._built[key] = built
                 self._evict(keep=key)
@@ -159,7 +171,7 @@ class VariantCache:
                 continue
             idle = self.idle_ttl is not None and now - built.last_used > self.idle_ttl
             over = sum(b.nbytes for b in self._built.values()) > self.budget_bytes
-            if idle or over:
+            if idle or (over and built.nbytes > 0):  # dropping a variant that adds nothing frees nothing
                 del self._built[key]
 
     def expire_idle(self) -> None:

@@ -18,6 +18,7 @@ import importlib.util
 import io
 import json
 import re
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,26 @@ def bundled_model_files(name: str) -> tuple[list[Path], Path]:
     model = BUNDLED_MODELS[name]
     parts = [_package_dir(pkg) / rel for pkg, rel in model.parts]
     return parts, _package_dir(model.package) / model.data_dir / "config.json"
+
+
+def ctranslate2_folder(name: str, workdir: Path) -> Path:
+    """A folder CTranslate2 / faster-whisper can open for a bundled model: the package's own,
+    or, for a model.bin shipped in parts, a copy in `workdir` with the parts joined (once)."""
+    parts, config = bundled_model_files(name)
+    if len(parts) == 1:
+        return parts[0].parent
+    folder = workdir / name
+    if not (folder / "model.bin").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / "model.bin.partial"
+        with open(partial, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out)
+        for extra in ("config.json", "tokenizer.json", "vocabulary.txt"):
+            shutil.copy(config.parent / extra, folder / extra)
+        partial.rename(folder / "model.bin")
+    return folder
 
 
 # --------------------------------------------------------------------------------------

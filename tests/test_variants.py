@@ -107,12 +107,15 @@ def test_int8_quantizes_every_linear_and_shrinks_weights(variants, tiny_model):
     assert nbytes(variants["fp16"]) < 0.55 * nbytes(variants["fp32"])
 
 
-def test_building_leaves_the_source_untouched(tiny_model, mel):
+def test_building_shares_weights_but_leaves_the_source_untouched(tiny_model):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    build_variant(tiny_model, "int8+flash")
+    built = {name: build_variant(tiny_model, name) for name in ("int8+flash", "fp16+winograd", "flash")}
     after = tiny_model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
     assert type(tiny_model.decoder.blocks[0].attn).__name__ == "MultiHeadAttention"
+    # an exact variant adds no weights of its own; fp16 its own half-size copy
+    assert nbytes(built["flash"], shared_with=tiny_model) == 0
+    assert nbytes(built["fp16+winograd"], shared_with=tiny_model) < 0.55 * nbytes(tiny_model)
 
 
 def test_variant_names():
@@ -129,18 +132,23 @@ def test_variant_names():
 
 
 def test_variant_cache_budget_ttl_and_pinning(tiny_model):
-    fp32_bytes = nbytes(tiny_model)
-    cache = VariantCache(budget_bytes=int(fp32_bytes * 1.5), idle_ttl=None)
-    first = cache.get("tiny.en", tiny_model, "fp32")
-    assert cache.get("tiny.en", tiny_model, "fp32") is first  # built once
-    cache.get("tiny.en", tiny_model, "flash")  # two fp32-sized variants exceed 1.5× → LRU out
-    assert [b.variant for b in cache.built()] == ["flash"]
+    fp16_bytes = nbytes(build_variant(tiny_model, "fp16"), shared_with=tiny_model)
+    cache = VariantCache(budget_bytes=int(fp16_bytes * 1.5), idle_ttl=None)
+    first = cache.get("tiny.en", tiny_model, "fp16")
+    assert cache.get("tiny.en", tiny_model, "fp16") is first  # built once
+    assert first.nbytes == fp16_bytes
+    cache.get("tiny.en", tiny_model, "fp16+flash")  # two fp16 copies exceed 1.5× → LRU out
+    assert [b.variant for b in cache.built()] == ["fp16+flash"]
+    cache.get("tiny.en", tiny_model, "flash")  # shares the source's weights: costs nothing
+    assert {b.variant for b in cache.built()} == {"fp16+flash", "flash"}
 
-    cache.pinned.add(("tiny.en", "flash"))
-    cache.get("tiny.en", tiny_model, "int8")
-    assert {b.variant for b in cache.built()} == {"flash", "int8"}  # pinned stays
+    cache.pinned.add(("tiny.en", "fp16+flash"))
+    cache.get("tiny.en", tiny_model, "fp16")  # over budget, but the others are pinned or free
+    assert {b.variant for b in cache.built()} == {"fp16+flash", "flash", "fp16"}
+    cache.get("tiny.en", tiny_model, "int8")  # now the least recently used costly one goes
+    assert {b.variant for b in cache.built()} == {"fp16+flash", "flash", "int8"}
 
     cache.idle_ttl = 0.01
     time.sleep(0.05)
     cache.expire_idle()
-    assert [b.variant for b in cache.built()] == ["flash"]
+    assert [b.variant for b in cache.built()] == ["fp16+flash"]  # pinned stays

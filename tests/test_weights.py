@@ -4,7 +4,6 @@ gives token for token what CTranslate2 itself (faster-whisper's engine) gives on
 from __future__ import annotations
 
 import json
-import shutil
 
 import ctranslate2
 import numpy as np
@@ -17,6 +16,7 @@ from app.audio import decode_audio
 from optim.weights import (
     BUNDLED_MODELS,
     bundled_model_files,
+    ctranslate2_folder,
     hf_name_to_whisper,
     load_model,
     read_ctranslate2,
@@ -44,22 +44,6 @@ def test_bundled_model_loads_strictly(models, name):
     assert model.alignment_heads.to_dense().sum().item() == 8
 
 
-def _ct2_model_dir(name: str, tmp_path) -> str:
-    """A folder CTranslate2 can open: the bundled files, with a split model.bin joined."""
-    parts, config = bundled_model_files(name)
-    if len(parts) == 1:
-        return str(parts[0].parent)
-    folder = tmp_path / name
-    folder.mkdir()
-    with open(folder / "model.bin", "wb") as out:
-        for part in parts:
-            with open(part, "rb") as f:
-                shutil.copyfileobj(f, out)
-    for extra in ("config.json", "tokenizer.json", "vocabulary.txt"):
-        shutil.copy(config.parent / extra, folder / extra)
-    return str(folder)
-
-
 def _mel(samples: np.ndarray) -> torch.Tensor:
     mel = whisper.log_mel_spectrogram(torch.from_numpy(samples), padding=whisper.audio.N_SAMPLES)
     return whisper.pad_or_trim(mel, whisper.audio.N_FRAMES)
@@ -71,7 +55,7 @@ def _mel(samples: np.ndarray) -> torch.Tensor:
 )
 def test_greedy_tokens_match_ctranslate2(models, clips, tmp_path, name, clip_ids):
     model = models[name]
-    ct2 = ctranslate2.models.Whisper(_ct2_model_dir(name, tmp_path), device="cpu", compute_type="float32")
+    ct2 = ctranslate2.models.Whisper(str(ctranslate2_folder(name, tmp_path)), device="cpu", compute_type="float32")
     tokenizer = whisper.tokenizer.get_tokenizer(model.is_multilingual, num_languages=model.num_languages)
     for clip_id in clip_ids:
         clip = clips[clip_id]

@@ -107,10 +107,22 @@ def set_attention(model: Whisper, attention: type[MultiHeadAttention]) -> None:
             module.__class__ = attention
 
 
-def nbytes(model: nn.Module) -> int:
-    """Bytes held by a model's weights and buffers, quantized (packed) weights included."""
+def nbytes(model: nn.Module, shared_with: Optional[nn.Module] = None) -> int:
+    """Bytes held by a model's weights and buffers, quantized (packed) weights included;
+    with `shared_with`, leaving out tensors that model holds too (the same storage)."""
+    exclude = set() if shared_with is None else {t.data_ptr() for t in _tensors(shared_with)}
+    seen = set()
     total = 0
-    for value in model.state_dict().values():
-        tensors = value if isinstance(value, tuple) else (value,)
-        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+    for t in _tensors(model):
+        if t.data_ptr() not in exclude and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
     return total
+
+
+def _tensors(model: nn.Module) -> list[Tensor]:
+    found = []
+    for value in model.state_dict(keep_vars=True).values():
+        found += [t for t in (value if isinstance(value, tuple) else (value,)) if isinstance(t, Tensor)]
+    found += [b for b in model.buffers() if b is not None]
+    return [t for t in found if t.layout == torch.strided]  # the sparse alignment-head mask is tiny
