@@ -121,10 +121,6 @@ class LoadedModel:
     def multilingual(self) -> bool:
         return self.model.is_multilingual
 
-    @property
-    def parameter_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
-
 
 def resolve_device(device: str) -> str:
     if device == "auto":
@@ -262,6 +258,7 @@ class WhisperEngine:
     ) -> Transcript:
         started = time.perf_counter()
         built = self.variant_cache.get(loaded.id, loaded.model, variant)  # built on first use
+        self.variant_cache.expire_idle()
         duration = len(samples) / whisper.audio.SAMPLE_RATE
         language = normalize_language(options.language)
         if not loaded.multilingual:

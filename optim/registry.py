@@ -124,7 +124,7 @@ class VariantCache:
 
     The budget counts the memory each variant adds: weights it shares with its float32 source
     (always loaded) are not counted. A variant idle longer than `idle_ttl` seconds is dropped at the
-    next access; `pinned` variants (preloaded by setting) are never dropped.
+    next use of the cache; `pinned` variants (preloaded by setting) are never dropped.
     """
 
     def __init__(self, budget_bytes: int, idle_ttl: float | None = None):
