@@ -63,9 +63,9 @@ def _load_transcriber(model_name: str, engine: str, workdir: Path):
 
     from optim.registry import build_variant
     from optim.variants.modules import nbytes
-    from optim.weights import load_model
+    from optim.weights import load_whisper
 
-    source = load_model(model_name)
+    source = load_whisper(model_name)
     model = source if engine == "openai-whisper" else build_variant(source, engine, in_place=True)
     del source
     release_freed_memory()

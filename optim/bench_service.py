@@ -33,7 +33,7 @@ from whisper.normalizers import EnglishTextNormalizer
 
 from app.audio import decode_audio
 from optim.memory import rss_mb
-from optim.weights import load_model
+from optim.weights import load_whisper
 
 ROOT = Path(__file__).resolve().parent.parent
 JFK = ROOT / "tests" / "data" / "jfk.flac"
@@ -119,7 +119,7 @@ def main() -> None:
 
     # The anchor: openai-whisper's transcribe() on the same weights and the same decoded audio.
     for model in models:
-        reference_model = load_model(model)
+        reference_model = load_whisper(model)
         samples = [decode_audio((args.manifest.parent / i["audio"]).read_bytes()).samples for i in items]
         jfk = torch.from_numpy(decode_audio(JFK.read_bytes()).samples)
         latencies = []

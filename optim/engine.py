@@ -27,7 +27,7 @@ from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 
 from optim.memory import release_freed_memory
 from optim.registry import REFERENCE, UnknownVariant, VariantCache, all_variants, canonical
-from optim.weights import load_model
+from optim.weights import load_whisper
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class WhisperEngine:
                 return self._models[model_id]
             start = time.perf_counter()
             try:
-                model = load_model(self.sources[model_id]).to(self.device)
+                model = load_whisper(self.sources[model_id]).to(self.device)
             except Exception as e:  # keep the reason for /ready
                 self.load_errors[model_id] = f"{type(e).__name__}: {e}"
                 raise

@@ -408,7 +408,7 @@ def _is_hf_folder(path: Path) -> bool:
 # One entry point
 
 
-def load_model(source: str | Path) -> Whisper:
+def load_whisper(source: str | Path) -> Whisper:
     """Load a Whisper model from a bundled name, a ``.pt`` checkpoint or a CTranslate2 folder."""
     if isinstance(source, str) and source in BUNDLED_MODELS:
         return load_ctranslate2(*bundled_model_files(source))

@@ -59,16 +59,16 @@ def clips() -> dict[str, Clip]:
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from optim.weights import load_model
+    from optim.weights import load_whisper
 
-    return load_model("tiny.en")
+    return load_whisper("tiny.en")
 
 
 @pytest.fixture(scope="session")
 def base_model():
-    from optim.weights import load_model
+    from optim.weights import load_whisper
 
-    return load_model("base")
+    return load_whisper("base")
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ from optim.weights import (
     bundled_model_files,
     ctranslate2_folder,
     hf_name_to_whisper,
-    load_model,
+    load_whisper,
     read_ctranslate2,
     save_openai_checkpoint,
 )
@@ -84,7 +84,7 @@ def test_openai_checkpoint_round_trip(tiny_model, tmp_path, clips):
     path = tmp_path / "tiny.en.pt"
     save_openai_checkpoint(tiny_model, path)
     theirs = whisper.load_model(str(path), device="cpu")  # openai-whisper's own loader (strict)
-    ours = load_model(path)
+    ours = load_whisper(path)
     mel = _mel(decode_audio(clips["jfk"].data).samples)[None]
     tokens = torch.tensor([[50257, 50362]])  # <|startoftranscript|><|notimestamps|> for tiny.en
     with torch.inference_mode():
@@ -97,7 +97,7 @@ def test_openai_checkpoint_round_trip(tiny_model, tmp_path, clips):
 
 def test_unknown_source_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no Whisper model"):
-        load_model(tmp_path / "missing.pt")
+        load_whisper(tmp_path / "missing.pt")
 
 
 def test_hugging_face_folder(tiny_model, clips, tmp_path):
@@ -130,7 +130,7 @@ def test_hugging_face_folder(tiny_model, clips, tmp_path):
     hf_model.save_pretrained(folder)
     heads = tiny_model.alignment_heads.to_dense().nonzero().tolist()
     (folder / "generation_config.json").write_text(json.dumps({"alignment_heads": heads}))
-    loaded = load_model(folder)
+    loaded = load_whisper(folder)
     with torch.inference_mode():
         assert torch.equal(loaded.logits(tokens, loaded.embed_audio(mel)), expected)
     assert torch.equal(loaded.alignment_heads.to_dense(), tiny_model.alignment_heads.to_dense())
