@@ -27,11 +27,11 @@ class TranscriptionService:
             raise ValueError(f"DEFAULT_MODEL {settings.default_model!r} is not served; served: {', '.join(engine.sources)}")
         default = recommended(engine.device) if settings.default_variant == "auto" else settings.default_variant
         self.default_variant = engine.check_variant(default)
-        self.preload_variants = [self._split(entry) for entry in settings.preload_variants]
-        for model_id, variant in self.preload_variants:
+        self.preload_variants: list[tuple[str, str]] = []  # (model id, canonical variant)
+        for model_id, variant in map(self._split, settings.preload_variants):
             if model_id not in engine.sources:
                 raise ValueError(f"PRELOAD_VARIANTS names model {model_id!r}, which is not served")
-            engine.check_variant(variant)
+            self.preload_variants.append((model_id, engine.check_variant(variant)))
 
     # ---------------------------------------------------------------- models
     def model_ids(self) -> list[str]:
@@ -44,8 +44,7 @@ class TranscriptionService:
     @property
     def ready(self) -> bool:
         built = {(b.model_id, b.variant) for b in self.engine.variant_cache.built()}
-        preloaded = all((m, self.engine.check_variant(v)) in built for m, v in self.preload_variants)
-        return preloaded and all(m in self.engine.loaded for m in self.preload)
+        return set(self.preload_variants) <= built and all(m in self.engine.loaded for m in self.preload)
 
     def _split(self, name: str) -> tuple[str, str]:
         model_id, _, variant = name.partition(":")

@@ -177,7 +177,7 @@ class WhisperEngine:
         if model_id in self._models:
             return self._models[model_id]
         if model_id not in self.sources:
-            raise UnknownModel(f"model {model_id!r} does not exist; available: {', '.join(self.sources)}", "model")
+            raise self._unknown(model_id)
         with self._load_lock:
             if model_id in self._models:
                 return self._models[model_id]
@@ -200,6 +200,9 @@ class WhisperEngine:
             self.load_errors.pop(model_id, None)
             log.info("loaded %s on %s in %.2f s", model_id, self.device, loaded.load_seconds)
             return loaded
+
+    def _unknown(self, model_id: str) -> UnknownModel:
+        return UnknownModel(f"model {model_id!r} does not exist; available: {', '.join(self.sources)}", "model")
 
     def preload_variant(self, model_id: str, variant: str) -> None:
         """Build a variant now and keep it regardless of budget and TTL."""
@@ -227,7 +230,7 @@ class WhisperEngine:
         """Reject options a model cannot honour before any audio work is done."""
         self.check_variant(variant)
         if model_id not in self.sources:
-            raise UnknownModel(f"model {model_id!r} does not exist; available: {', '.join(self.sources)}", "model")
+            raise self._unknown(model_id)
         language = normalize_language(options.language)
         loaded = self._models.get(model_id)
         if loaded is None:

@@ -27,7 +27,7 @@ async def ready(service: Annotated[TranscriptionService, Depends(get_service)]) 
     body = {
         "status": "ready" if service.ready else "failed" if service.engine.load_errors else "loading",
         "models": {m: ("loaded" if m in loaded else "failed" if m in service.engine.load_errors else "loading") for m in service.preload},
-        "variants": {f"{m}:{v}": ("built" if (m, service.engine.check_variant(v)) in built else "building") for m, v in service.preload_variants},
+        "variants": {f"{m}:{v}": ("built" if (m, v) in built else "building") for m, v in service.preload_variants},
         "load_seconds": {m: round(loaded[m].load_seconds, 2) for m in service.preload if m in loaded},
         "errors": service.engine.load_errors,
     }
