@@ -10,9 +10,11 @@ import torch
 from fastapi import FastAPI
 from starlette.formparsers import MultiPartParser
 
-from app.api import audio, health, models
+from app.api import audio, health, metrics as metrics_api, models
 from app.errors import install_error_handlers
 from app.limits import UploadSizeLimit
+from app.metrics import Metrics
+from app.scheduler import Scheduler, SchedulerConfig
 from app.service import TranscriptionService
 from app.settings import Settings
 from optim.engine import WhisperEngine
@@ -43,13 +45,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine = WhisperEngine(
         sources,
         device=settings.device,
-        condition_on_previous_text=settings.condition_on_previous_text,
         silence_peak=settings.silence_peak,
         variants=settings.variants or None,
         variant_budget_bytes=int(settings.variant_memory_mb * 2**20),
         variant_idle_ttl=settings.variant_idle_ttl_s,
     )
-    service = TranscriptionService(engine, settings, preload)  # checks the defaults are served
+    metrics = Metrics()
+    scheduler = Scheduler(
+        engine,
+        SchedulerConfig(
+            max_batch_size=settings.max_batch_size,
+            max_wait=settings.batch_max_wait_ms / 1000,
+            max_batch_audio=settings.max_batch_audio_seconds,
+            max_queue=settings.max_queue,
+            policy=settings.batch_policy,
+            shorten_context=settings.dynamic_audio_context,
+        ),
+        on_batch=metrics.observe_batch,
+    )
+    service = TranscriptionService(engine, scheduler, settings, preload)  # checks the defaults are served
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -57,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loading = asyncio.create_task(asyncio.to_thread(_load_models, service))
         yield
         loading.cancel()
+        await scheduler.close()
         engine.close()
 
     app = FastAPI(
@@ -68,10 +83,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.service = service
+    app.state.metrics = metrics
     install_error_handlers(app)
     app.add_middleware(UploadSizeLimit, max_bytes=settings.max_upload_bytes)
     # Keep uploads in memory up to the size limit (Starlette spools to a temp file past 1 MiB).
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_upload_bytes)
-    for router in (health.router, models.router, audio.router):
+    for router in (health.router, models.router, audio.router, metrics_api.router):
         app.include_router(router)
     return app

@@ -1,5 +1,5 @@
 """The stages of one transcription request, each a small step the router calls in order:
-resolve the model → read the upload → decode the audio → run the engine. Errors of each
+resolve the model → read the upload → decode the audio → schedule (batch, run, reassemble). Errors of each
 stage become an `APIError` with the right status here, so routers stay thin."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from app.audio import Audio, AudioError, AudioTooLong, UnsupportedAudio, decode_audio
 from app.errors import APIError
 from app.limits import UploadTooLarge
+from app.scheduler import QueueFull, Scheduler
 from app.settings import Settings
 from optim.engine import EngineError, Transcript, TranscriptionOptions, UnknownModel, WhisperEngine
 from optim.registry import recommended
@@ -19,8 +20,9 @@ OPENAI_ALIAS = "whisper-1"
 
 
 class TranscriptionService:
-    def __init__(self, engine: WhisperEngine, settings: Settings, preload: list[str]):
+    def __init__(self, engine: WhisperEngine, scheduler: Scheduler, settings: Settings, preload: list[str]):
         self.engine = engine
+        self.scheduler = scheduler
         self.settings = settings
         self.preload = preload
         if settings.default_model not in engine.sources:
@@ -98,6 +100,8 @@ class TranscriptionService:
         try:
             self.engine.check(model_id, variant, options)  # cheap option checks before any audio work
             audio = await self.decode(await self.read_upload(file))
-            return await self.engine.transcribe(model_id, audio.samples, options, variant)
+            return await self.scheduler.transcribe(model_id, variant, audio.samples, options)
+        except QueueFull as e:
+            raise APIError(503, str(e), "server_overloaded", None, headers={"Retry-After": str(e.retry_after)}) from e
         except EngineError as e:
             raise APIError(404 if isinstance(e, UnknownModel) else 400, str(e), e.code, e.param) from e

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -47,9 +47,20 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="`auto` (CUDA when available, else CPU), `cpu` or `cuda`.")
     torch_threads: int | None = Field(None, description="Threads torch uses inside one call (default: all cores).")
     max_upload_mb: float = Field(25.0, gt=0, description="Largest accepted upload, in MiB (OpenAI's limit is 25).")
-    max_audio_seconds: float = Field(300.0, gt=0, description="Longest accepted audio, in seconds.")
-    condition_on_previous_text: bool = Field(
-        True, description="Feed each 30-s window the previous window's text (openai-whisper's default)."
+    max_audio_seconds: float = Field(1800.0, gt=0, description="Longest accepted audio, in seconds.")
+    max_batch_size: int = Field(8, ge=1, description="Windows (≤30 s each) decoded together; 1 turns batching off.")
+    batch_max_wait_ms: float = Field(
+        50.0, ge=0, description="Longest a window waits for others before a partial batch runs, in milliseconds."
+    )
+    max_batch_audio_seconds: float = Field(
+        240.0, gt=0, description="Padded audio per batch (windows × longest window), in seconds: bounds batch memory."
+    )
+    max_queue: int = Field(64, ge=1, description="Requests admitted at once (waiting or running); past it: 503 + Retry-After.")
+    batch_policy: Literal["duration", "fifo"] = Field(
+        "duration", description="`duration`: batch windows of similar length; `fifo`: in arrival order (baseline)."
+    )
+    dynamic_audio_context: bool = Field(
+        True, description="Run the encoder over the batch's longest window (rounded up to 5 s, at least 15 s) instead of 30 s."
     )
     silence_peak: float = Field(
         1e-3, ge=0, description="Audio whose peak amplitude is below this is silence: empty text, no model call."

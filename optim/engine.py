@@ -1,9 +1,10 @@
-"""The inference engine: loaded Whisper models and the call that turns samples into a transcript.
+"""The inference engine: loaded Whisper models, a request's audio cut into windows, and a batch
+of windows decoded into segments.
 
-It knows nothing of HTTP. Each model gets one worker thread: openai-whisper's decoder installs
-key/value-cache hooks on the model for the length of a call, so two calls on one model must
-not overlap, and on CPU torch already spreads one call over all cores. The event loop only
-awaits the worker's future, so it stays free for other requests (health checks included).
+It knows nothing of HTTP or queues (the scheduler decides what runs together). Each model gets
+one worker thread: on CPU torch already spreads one batch over all cores, and batches of one
+model must not overlap (word timing installs hooks on it). The event loop only awaits the
+worker's future, so it stays free for other requests (health checks included).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -22,12 +23,16 @@ import numpy as np
 import torch
 import whisper
 import whisper.timing
+from torch import Tensor
+from whisper.audio import HOP_LENGTH, SAMPLE_RATE
 from whisper.model import Whisper
-from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, Tokenizer, get_tokenizer
 
+from optim.decoding import BatchStats, WindowInput, WindowOutput, decode_batch, split_segments
 from optim.memory import release_freed_memory
 from optim.registry import REFERENCE, UnknownVariant, VariantCache, all_variants, canonical
 from optim.weights import load_whisper
+from optim.windows import split_at_pauses
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,9 @@ Task = Literal["transcribe", "translate"]
 # openai-whisper's fallback schedule: at temperature 0 a window whose output looks like a
 # loop (compression ratio) or is improbable (log-probability) is decoded again, hotter.
 FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+COMPRESSION_RATIO_THRESHOLD = 2.4
+LOGPROB_THRESHOLD = -1.0
+NO_SPEECH_THRESHOLD = 0.6  # with a low log-probability: silence, no segment
 
 
 class EngineError(ValueError):
@@ -92,6 +100,33 @@ class Segment:
     words: list[Word] = field(default_factory=list)
 
 
+@dataclass(frozen=True, eq=False)  # holds a tensor: identity, not value
+class Window:
+    """One ≤30-s piece of a request's audio, decoded independently of the others."""
+
+    mel: Tensor  # (n_mels, frames), no padding
+    offset: float  # seconds from the start of the request's audio
+    language: str | None  # None: detect
+    prompt: list[int]
+    temperature: float
+    fallback: bool  # re-decode hotter when the output looks wrong (temperature was not fixed)
+    word_timestamps: bool
+    full_context: bool = False
+
+    @property
+    def duration(self) -> float:
+        return self.mel.shape[-1] / 100
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    offset: float  # the window's start, seconds from the request's start
+    segments: list[dict]  # openai-whisper's segment dicts, times from the request's start
+    language: str
+    retry: Window | None = None  # decode this instead: the result is not final
+    rest: Window | None = None  # the output stopped early: decode the rest of the window too
+
+
 @dataclass(frozen=True)
 class Transcript:
     text: str
@@ -101,8 +136,11 @@ class Transcript:
     model: str
     variant: str
     task: Task
-    queue_seconds: float = 0.0
-    processing_seconds: float = 0.0
+    queue_seconds: float = 0.0  # from arrival to the first batch that held one of its windows
+    processing_seconds: float = 0.0  # from then to the last window's result
+    batch_size: float = 1.0  # mean size of the batches its windows ran in
+    encoder_padding: float = 0.0  # mean padding ratio of those batches
+    decoder_padding: float = 0.0
 
     @property
     def words(self) -> list[Word]:
@@ -147,7 +185,6 @@ class WhisperEngine:
         self,
         sources: dict[str, str | Path],
         device: str = "auto",
-        condition_on_previous_text: bool = True,
         silence_peak: float = 1e-3,
         variants: list[str] | None = None,
         variant_budget_bytes: int = 2**30,
@@ -161,7 +198,6 @@ class WhisperEngine:
         if unavailable:
             raise ValueError(f"variants {unavailable} are not available on {self.device}; available: {valid}")
         self.variant_cache = VariantCache(variant_budget_bytes, variant_idle_ttl)
-        self.condition_on_previous_text = condition_on_previous_text
         self.silence_peak = silence_peak
         self._models: dict[str, LoadedModel] = {}
         self._load_lock = threading.Lock()
@@ -241,60 +277,151 @@ class WhisperEngine:
             if language not in (None, "en"):
                 raise UnsupportedOption(f"model {model_id!r} is English-only; it cannot transcribe language {language!r}", "language")
 
-    async def transcribe(
-        self, model_id: str, samples: np.ndarray, options: TranscriptionOptions, variant: str = REFERENCE
-    ) -> Transcript:
-        """Transcribe 16 kHz mono float32 samples with a model variant, on the model's worker thread."""
-        self.check(model_id, variant, options)
-        loop = asyncio.get_running_loop()
-        loaded = self._models.get(model_id)
-        if loaded is None:  # a served model that was not preloaded: load it off the event loop
-            loaded = await loop.run_in_executor(None, self.load, model_id)
-            self.check(model_id, variant, options)
-        submitted = time.perf_counter()
-        return await loop.run_in_executor(
-            loaded.executor, self._transcribe, loaded, canonical(variant), samples, options, submitted
-        )
+    def executor(self, model_id: str) -> ThreadPoolExecutor:
+        return self._models[model_id].executor
 
-    def _transcribe(
-        self, loaded: LoadedModel, variant: str, samples: np.ndarray, options: TranscriptionOptions, submitted: float
-    ) -> Transcript:
-        started = time.perf_counter()
-        built = self.variant_cache.get(loaded.id, loaded.model, variant)  # built on first use
+    async def ensure_loaded(self, model_id: str, variant: str, options: TranscriptionOptions) -> LoadedModel:
+        """The loaded model, loading a served one that was not preloaded (off the event loop)."""
+        self.check(model_id, variant, options)
+        loaded = self._models.get(model_id)
+        if loaded is None:
+            loaded = await asyncio.get_running_loop().run_in_executor(None, self.load, model_id)
+            self.check(model_id, variant, options)
+        return loaded
+
+    def is_silent(self, samples: np.ndarray) -> bool:
+        """Digital silence, on which Whisper tends to hallucinate ("you", "Thank you.")."""
+        return samples.size == 0 or float(np.abs(samples).max()) < self.silence_peak
+
+    def windows(self, model_id: str, samples: np.ndarray, options: TranscriptionOptions) -> list[Window]:
+        """A request's audio as independent ≤30-s windows cut at pauses, with its log-mel computed
+        once over the whole audio (as openai-whisper's transcribe() does). CPU work: call off-loop."""
+        loaded = self._models[model_id]
+        model = loaded.model
+        mel = whisper.log_mel_spectrogram(torch.from_numpy(samples), model.dims.n_mels, padding=whisper.audio.N_SAMPLES)
+        language = normalize_language(options.language) if loaded.multilingual else "en"
+        prompt = []
+        if options.prompt:
+            tokenizer = self.tokenizer(model, options.task)
+            prompt = tokenizer.encode(" " + options.prompt.strip())[-(model.dims.n_text_ctx // 2 - 1) :]
+        return [
+            Window(
+                mel=mel[:, start // HOP_LENGTH : end // HOP_LENGTH].clone(),
+                offset=start / SAMPLE_RATE,
+                language=language,
+                prompt=prompt,
+                temperature=options.temperature,
+                fallback=options.temperature == 0,
+                word_timestamps=options.word_timestamps,
+            )
+            for start, end in split_at_pauses(samples)
+        ]
+
+    def tokenizer(self, model: Whisper, task: Task) -> Tokenizer:
+        return get_tokenizer(model.is_multilingual, num_languages=model.num_languages, task=task)
+
+    def run_batch(
+        self, model_id: str, variant: str, task: Task, windows: list[Window], shorten_context: bool
+    ) -> tuple[list[WindowResult], BatchStats]:
+        """Decode windows of one model, variant and task in one batch (on the model's worker thread).
+        Each result is final, or names the window to decode again: with the full 30-s context when
+        a shortened one failed, then hotter (openai-whisper's temperature fallback)."""
+        loaded = self._models[model_id]
+        built = self.variant_cache.get(model_id, loaded.model, variant)  # built on first use
         self.variant_cache.expire_idle()
-        duration = len(samples) / whisper.audio.SAMPLE_RATE
-        language = normalize_language(options.language)
-        if not loaded.multilingual:
-            language = "en"
-        if samples.size == 0 or float(np.abs(samples).max()) < self.silence_peak:
-            # Digital silence: Whisper tends to hallucinate ("you", "Thank you.") on it.
-            result = {"text": "", "segments": [], "language": language or "en"}
-        else:
-            with torch.inference_mode():
-                result = whisper.transcribe(
-                    built.model,
-                    torch.from_numpy(samples),
-                    verbose=None,
-                    temperature=(options.temperature,) if options.temperature > 0 else FALLBACK_TEMPERATURES,
-                    condition_on_previous_text=self.condition_on_previous_text,
-                    initial_prompt=options.prompt or None,
-                    word_timestamps=options.word_timestamps,
-                    task=options.task,
-                    language=language,
-                    fp16=built.fp16_compute,
-                )
-        finished = time.perf_counter()
-        return Transcript(
-            text=result["text"].strip(),
-            language=result["language"],
-            duration=duration,
-            segments=[_segment(s, duration) for s in result["segments"]],
-            model=loaded.id,
-            variant=variant,
-            task=options.task,
-            queue_seconds=started - submitted,
-            processing_seconds=finished - started,
-        )
+        model = built.model
+        tokenizer = self.tokenizer(model, task)
+        inputs = [WindowInput(w.mel, w.language, w.prompt, w.temperature, w.full_context) for w in windows]
+        with torch.inference_mode():
+            outputs, stats = decode_batch(model, tokenizer, inputs, shorten_context, fp16=built.fp16_compute)
+        shortened = stats.encoder_frames < whisper.audio.N_FRAMES
+        results = []
+        for window, out in zip(windows, outputs):
+            silence = out.no_speech_prob > NO_SPEECH_THRESHOLD and out.avg_logprob < LOGPROB_THRESHOLD
+            looping = out.compression_ratio > COMPRESSION_RATIO_THRESHOLD
+            if shortened and (out.over_budget or looping or repeats_phrase(out.text)):
+                results.append(WindowResult(window.offset, [], out.language, retry=replace(window, full_context=True)))
+            elif window.fallback and not silence and (looping or out.avg_logprob < LOGPROB_THRESHOLD) and out.temperature < 1.0:
+                hotter = FALLBACK_TEMPERATURES[FALLBACK_TEMPERATURES.index(round(out.temperature, 1)) + 1]
+                results.append(WindowResult(window.offset, [], out.language, retry=replace(window, temperature=hotter)))
+            else:
+                segments, rest = ([], None) if silence else self._segments(model, tokenizer, window, out, built.fp16_compute)
+                results.append(WindowResult(window.offset, segments, out.language, rest=rest))
+        return results, stats
+
+    def _segments(
+        self, model: Whisper, tokenizer: Tokenizer, window: Window, out: WindowOutput, fp16: bool
+    ) -> tuple[list[dict], Window | None]:
+        """A decoded window's segments (times from the request's start, words when asked) and
+        the rest of the window still to decode, if the output stopped early."""
+        found, done = split_segments(out.tokens, tokenizer, window.duration)
+        segments = [
+            dict(
+                seek=round(window.offset * 100),
+                start=window.offset + start,
+                end=window.offset + end,
+                text=tokenizer.decode(tokens),
+                tokens=tokens,
+                temperature=out.temperature,
+                avg_logprob=out.avg_logprob,
+                compression_ratio=out.compression_ratio,
+                no_speech_prob=out.no_speech_prob,
+            )
+            for start, end, tokens in found
+        ]
+        segments = [s for s in segments if s["end"] > s["start"] and s["text"].strip()]
+        if window.word_timestamps and segments:
+            mel = whisper.pad_or_trim(window.mel, whisper.audio.N_FRAMES).to(model.device)
+            if fp16:
+                mel = mel.half()
+            whisper.timing.add_word_timestamps(
+                segments=segments,
+                model=model,
+                tokenizer=tokenizer,
+                mel=mel,
+                num_frames=window.mel.shape[-1],
+                last_speech_timestamp=window.offset,
+            )
+        consumed = round(done * 100)  # mel frames
+        rest = None
+        if consumed < window.mel.shape[-1]:
+            rest = replace(
+                window, mel=window.mel[:, consumed:], offset=window.offset + consumed / 100, temperature=0.0 if window.fallback else window.temperature, full_context=False
+            )
+        return segments, rest
+
+
+def repeats_phrase(text: str, times: int = 3) -> bool:
+    """A phrase of 2–8 words said `times` times in a row ("in this regard, in this regard, ..."):
+    the loop a shortened audio context tends to fall into, too short for the compression check."""
+    words = [w.strip(".,;:!?\"'").lower() for w in text.split()]
+    for n in range(2, 9):
+        for i in range(len(words) - n * times + 1):
+            if all(words[i + k * n : i + (k + 1) * n] == words[i : i + n] for k in range(1, times)):
+                return True
+    return False
+
+
+def assemble(
+    model_id: str, variant: str, task: Task, duration: float, results: list[WindowResult], **timing: float
+) -> Transcript:
+    """A request's transcript from its windows' final results, in order."""
+    raw = [s for r in results for s in r.segments]
+    segments = [_segment({**s, "id": i}, duration) for i, s in enumerate(raw)]
+    spoken: dict[str, float] = {}  # language → seconds of speech it was detected on
+    for r in results:
+        spoken[r.language] = spoken.get(r.language, 0.0) + sum(s["end"] - s["start"] for s in r.segments)
+    language = max(spoken, key=spoken.get) if spoken else "en"
+    return Transcript(
+        text="".join(s.text for s in segments).strip(),
+        language=language,
+        duration=duration,
+        segments=segments,
+        model=model_id,
+        variant=variant,
+        task=task,
+        **timing,
+    )
 
 
 def _clamp(t: float, duration: float) -> float:

@@ -42,7 +42,8 @@ def _load_clips() -> dict[str, Clip]:
 
 
 CLIPS = _load_clips()
-ENGLISH_READ = [c for c in CLIPS.values() if c.id == "jfk" or c.id.startswith("lj-")]
+ENGLISH_READ = [c for c in CLIPS.values() if (c.id == "jfk" or c.id.startswith("lj-")) and c.duration < 30]
+LONG_FORM = [c for c in CLIPS.values() if c.duration > 30]  # several windows each
 
 _normalize = EnglishTextNormalizer()
 
@@ -109,7 +110,7 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server():
-    srv = Server(MODELS="tiny.en,base", DEFAULT_MODEL="base").wait_ready()
+    srv = Server(MODELS="tiny.en,base", DEFAULT_MODEL="base", MAX_AUDIO_SECONDS="300").wait_ready()
     yield srv
     srv.stop()
 

@@ -1,0 +1,252 @@
+"""The scheduler between HTTP and the engine: requests become windows, windows of all waiting
+requests become batches, and batch results are put back together per request.
+
+Stages of one request: admit (or refuse: queue full) → cut into windows (engine) → wait in the
+queue of its (model, variant, task) → run in a batch → a window whose result is not final goes
+back to the queue (full context, or hotter), and so does the rest of a window the model
+stopped short of (as openai-whisper's transcribe() seeks) → when every window is final, assemble.
+
+How a batch is chosen, each time a model's worker is free:
+
+* the *seed* is, among the windows that have waited past `max_wait` (else, among the queues
+  that already hold a full batch), the one of highest priority; otherwise the worker waits for
+  more windows or the next deadline. Priority is fair queueing: a window's enqueue time plus
+  the compute its request has already had (windows served × seconds per window), so a short
+  request is not held behind every window of a long file, and the long file still advances;
+* the batch is filled from the seed's queue with the windows closest to it in duration
+  (`duration` policy) or in arrival order (`fifo`, the baseline), up to `max_batch_size`
+  windows and `max_batch_audio` seconds of padded audio (rows × longest).
+
+With `max_batch_size=1` nothing waits: every window runs alone (batching off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import numpy as np
+
+from optim.decoding import BatchStats
+from optim.engine import Task, Transcript, TranscriptionOptions, Window, WindowResult, WhisperEngine, assemble
+
+log = logging.getLogger(__name__)
+
+Policy = Literal["duration", "fifo"]
+QueueKey = tuple[str, str, Task]  # model, variant, task: windows that can share a forward pass
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server is at its queue limit; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Request:
+    key: QueueKey
+    duration: float
+    arrived: float
+    outstanding: int  # windows not yet final (continuations add to it)
+    done: asyncio.Future
+    results: list[WindowResult] = field(default_factory=list)
+    served: int = 0  # windows dispatched so far (fairness)
+    first_dispatch: float | None = None
+    batch_sizes: list[int] = field(default_factory=list)
+    encoder_padding: list[float] = field(default_factory=list)
+    decoder_padding: list[float] = field(default_factory=list)
+
+
+@dataclass(eq=False)  # compared by identity
+class _Pending:
+    request: _Request
+    window: Window
+    enqueued: float
+
+    @property
+    def padded_seconds(self) -> float:
+        return 30.0 if self.window.full_context else self.window.duration
+
+
+@dataclass
+class SchedulerConfig:
+    max_batch_size: int = 8
+    max_wait: float = 0.05  # seconds a window may wait for others before a partial batch runs
+    max_batch_audio: float = 240.0  # seconds of padded audio per batch (rows × longest window)
+    max_queue: int = 64  # requests admitted (waiting or running); past it: QueueFull
+    policy: Policy = "duration"
+    shorten_context: bool = False  # encoder over the batch's longest window, not always 30 s
+
+
+class Scheduler:
+    def __init__(self, engine: WhisperEngine, config: SchedulerConfig, on_batch: Callable[..., None] | None = None):
+        self.engine = engine
+        self.config = config
+        self.on_batch = on_batch  # (model, variant, BatchStats, seconds): for metrics
+        self._queues: dict[QueueKey, list[_Pending]] = defaultdict(list)
+        self._admitted = 0
+        self._wakeups: dict[str, asyncio.Event] = {}
+        self._workers: dict[str, asyncio.Task] = {}
+        self._seconds_per_window = 0.5  # running estimate of compute per window: fairness, Retry-After
+
+    # ---------------------------------------------------------------- requests
+    @property
+    def queued_windows(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    @property
+    def admitted(self) -> int:
+        return self._admitted
+
+    async def transcribe(self, model_id: str, variant: str, samples: np.ndarray, options: TranscriptionOptions) -> Transcript:
+        if self._admitted >= self.config.max_queue:
+            raise QueueFull(self._retry_after())
+        self._admitted += 1
+        try:
+            return await self._transcribe(model_id, variant, samples, options)
+        finally:
+            self._admitted -= 1
+
+    async def _transcribe(self, model_id: str, variant: str, samples: np.ndarray, options: TranscriptionOptions) -> Transcript:
+        arrived = time.perf_counter()
+        await self.engine.ensure_loaded(model_id, variant, options)
+        duration = len(samples) / 16_000
+        if self.engine.is_silent(samples):
+            return assemble(model_id, variant, options.task, duration, [])
+        windows = await asyncio.to_thread(self.engine.windows, model_id, samples, options)
+        loop = asyncio.get_running_loop()
+        request = _Request((model_id, variant, options.task), duration, arrived, len(windows), loop.create_future())
+        now = time.perf_counter()
+        self._queues[request.key] += [_Pending(request, w, now) for w in windows]
+        self._wake(model_id)
+        try:
+            await request.done
+        except asyncio.CancelledError:  # client gone: its windows leave the queue
+            self._queues[request.key] = [p for p in self._queues[request.key] if p.request is not request]
+            raise
+        finished = time.perf_counter()
+        return assemble(
+            model_id,
+            variant,
+            options.task,
+            duration,
+            sorted(request.results, key=lambda r: r.offset),
+            queue_seconds=request.first_dispatch - arrived,
+            processing_seconds=finished - request.first_dispatch,
+            batch_size=float(np.mean(request.batch_sizes)),
+            encoder_padding=float(np.mean(request.encoder_padding)),
+            decoder_padding=float(np.mean(request.decoder_padding)),
+        )
+
+    def _retry_after(self) -> int:
+        return max(1, math.ceil(self.queued_windows * self._seconds_per_window))
+
+    # ---------------------------------------------------------------- batching
+    def _wake(self, model_id: str) -> None:
+        if model_id not in self._workers:
+            self._wakeups[model_id] = asyncio.Event()
+            self._workers[model_id] = asyncio.create_task(self._worker(model_id), name=f"scheduler-{model_id}")
+        self._wakeups[model_id].set()
+
+    async def close(self) -> None:
+        for task in self._workers.values():
+            task.cancel()
+        await asyncio.gather(*self._workers.values(), return_exceptions=True)
+
+    def choose(self, model_id: str, now: float) -> tuple[list[_Pending], float | None]:
+        """The next batch for a model's worker, or ([], seconds to wait) when it should wait
+        for more windows (None: nothing is queued)."""
+        for key in [k for k in self._queues if k[0] == model_id]:  # drop windows of failed requests
+            self._queues[key] = [p for p in self._queues[key] if not p.request.done.done()]
+        queues = {k: q for k, q in self._queues.items() if k[0] == model_id and q}
+        pending = [p for q in queues.values() for p in q]
+        if not pending:
+            return [], None
+        cfg = self.config
+        overdue = [p for p in pending if now - p.enqueued >= cfg.max_wait]
+        full = [p for q in queues.values() if len(q) >= cfg.max_batch_size for p in q]
+        if not (overdue or full):
+            return [], max(0.0, min(p.enqueued for p in pending) + cfg.max_wait - now)
+        if cfg.policy == "fifo":
+            order = lambda p: p.enqueued  # noqa: E731
+        else:
+            order = lambda p: p.enqueued + p.request.served * self._seconds_per_window  # noqa: E731
+        seed = min(overdue or full, key=order)
+        candidates = [p for p in queues[seed.request.key] if p is not seed]
+        if cfg.policy == "fifo":
+            candidates.sort(key=order)
+        else:
+            candidates.sort(key=lambda p: (abs(p.padded_seconds - seed.padded_seconds), order(p)))
+        batch, longest = [seed], seed.padded_seconds
+        for p in candidates:
+            if len(batch) >= cfg.max_batch_size:
+                break
+            if (len(batch) + 1) * max(longest, p.padded_seconds) <= cfg.max_batch_audio:
+                batch.append(p)
+                longest = max(longest, p.padded_seconds)
+        return batch, 0.0
+
+    async def _worker(self, model_id: str) -> None:
+        wakeup = self._wakeups[model_id]
+        loop = asyncio.get_running_loop()
+        while True:
+            batch, wait = self.choose(model_id, time.perf_counter())
+            if not batch:
+                wakeup.clear()
+                try:
+                    await asyncio.wait_for(wakeup.wait(), timeout=wait)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            key = batch[0].request.key
+            chosen = {id(p) for p in batch}
+            self._queues[key] = [p for p in self._queues[key] if id(p) not in chosen]
+            started = time.perf_counter()
+            for p in batch:
+                p.request.served += 1
+                if p.request.first_dispatch is None:
+                    p.request.first_dispatch = started
+            try:
+                results, stats = await loop.run_in_executor(
+                    self.engine.executor(model_id),
+                    self.engine.run_batch,
+                    *key,
+                    [p.window for p in batch],
+                    self.config.shorten_context,
+                )
+            except Exception as e:  # a failed batch fails its requests, never the worker
+                log.exception("batch of %d windows on %s failed", len(batch), key)
+                for p in batch:
+                    if not p.request.done.done():
+                        p.request.done.set_exception(e)
+                continue
+            seconds = time.perf_counter() - started
+            self._seconds_per_window = 0.8 * self._seconds_per_window + 0.2 * seconds / len(batch)
+            if self.on_batch:
+                self.on_batch(model_id, key[1], stats, seconds)
+            self._deliver(batch, results, stats)
+
+    def _deliver(self, batch: list[_Pending], results: list[WindowResult], stats: BatchStats) -> None:
+        now = time.perf_counter()
+        for p, result in zip(batch, results):
+            request = p.request
+            request.batch_sizes.append(stats.batch_size)
+            request.encoder_padding.append(stats.encoder_padding)
+            request.decoder_padding.append(stats.decoder_padding)
+            if request.done.done():
+                continue  # cancelled meanwhile
+            if result.retry is not None:  # not final: back in the queue
+                self._queues[request.key].append(_Pending(request, result.retry, now))
+                continue
+            request.results.append(result)
+            request.outstanding -= 1
+            if result.rest is not None:  # the model stopped early: the rest of the window goes again
+                self._queues[request.key].append(_Pending(request, result.rest, now))
+                request.outstanding += 1
+            if request.outstanding == 0:
+                request.done.set_result(None)

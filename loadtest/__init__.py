@@ -1,0 +1,7 @@
+"""Load test of the transcription server: `python -m loadtest` (see loadtest/README.md).
+
+Modules: `workload` (the seeded clip draw), `client` (closed-loop HTTP load), `metrics`
+(batching histograms from /metrics), `server` (spawned or external server), `runner`
+(configurations × variants × concurrency), `stats` (percentiles, throughput, WER),
+`report` (JSON, Markdown, charts), `cli` (the command line and `main(argv)`).
+"""

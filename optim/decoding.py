@@ -1,0 +1,358 @@
+"""Batched greedy decoding of independent ≤30-s windows, with timestamps.
+
+openai-whisper's `decode()` accepts a batch, but every row shares one prompt length, the
+encoder always sees 30 s, and a finished row keeps being fed until the longest one ends. Here:
+
+* the encoder runs over the batch's longest window, rounded up (`audio_context`), instead of
+  always 3000 mel frames, when the caller asks for a shortened context;
+* rows may carry prompts of different lengths: the prompt is right-padded, every row keeps
+  its own position in a preallocated key/value cache, and a mask hides the padding;
+* cross-attention keys/values are computed once per batch and shared by language detection
+  and decoding;
+* a row leaves the batch as soon as it emits end-of-text, so finished rows cost nothing;
+* each row has its own temperature (0 = greedy), so fallback re-decodes join any batch.
+
+The logit rules are openai-whisper's own (`SuppressBlank`, `SuppressTokens`,
+`ApplyTimestampRules`), applied to the sampled tokens only. With a shortened audio context
+two guards bound the model's tendency to behave as if 30 s were present: no timestamp past
+the window's real end, and a token budget per second of audio; a row that trips the budget or
+looks like a loop is reported as failed so the caller re-decodes it with the full context.
+
+The attention math follows the variant: `flash` models use PyTorch's fused SDPA, the others
+the explicit softmax of the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from whisper.audio import CHUNK_LENGTH, N_FRAMES
+from whisper.decoding import ApplyTimestampRules, SuppressBlank, SuppressTokens
+from whisper.model import MultiHeadAttention, Whisper
+from whisper.tokenizer import Tokenizer
+from whisper.utils import compression_ratio as get_compression_ratio
+
+from optim.variants.flash import FlashAttention
+
+FRAMES_PER_SECOND = 100  # mel frames (10 ms hop)
+SAMPLE_LEN = 224  # openai-whisper's default: at most half the text context per window
+MAX_INITIAL_TIMESTAMP = 1.0  # seconds; openai-whisper's default
+# Token budget per window when the encoder context is shortened: generous for fast speech
+# (about 3 words a second is 4–5 tokens), small next to the loops it is there to stop.
+BUDGET_BASE_TOKENS, BUDGET_TOKENS_PER_SECOND = 10, 8
+END_GUARD_SECONDS = 0.5  # with a short context, a closing timestamp this near the end ends the row
+
+
+@dataclass
+class WindowInput:
+    mel: Tensor  # (n_mels, frames): this window's log-mel frames, no padding
+    language: str | None  # None: detect
+    prompt: list[int] = field(default_factory=list)  # text tokens of the prompt (already cut to fit)
+    temperature: float = 0.0
+    full_context: bool = False  # this row needs the 30-s encoder context
+
+    @property
+    def frames(self) -> int:
+        return self.mel.shape[-1]
+
+
+@dataclass
+class WindowOutput:
+    tokens: list[int]  # sampled tokens without end-of-text: text and timestamp tokens
+    text: str
+    language: str
+    temperature: float
+    avg_logprob: float
+    no_speech_prob: float
+    compression_ratio: float
+    over_budget: bool  # the shortened-context token budget ran out
+
+
+@dataclass
+class BatchStats:
+    batch_size: int
+    encoder_frames: int  # mel frames the encoder ran over, per row
+    content_frames: list[int]  # real frames per row
+    decoder_steps: list[int]  # tokens sampled per row
+
+    @property
+    def encoder_padding(self) -> float:
+        """Share of the encoder's input that is padding: 1 − Σ frames / (rows × context). This
+        is work really spent, the 30-s (or 15-s minimum) context included."""
+        return 1 - sum(self.content_frames) / (self.batch_size * self.encoder_frames)
+
+    @property
+    def length_padding(self) -> float:
+        """1 − Σ frames / (rows × longest): how well the batch's windows match in length, which
+        is what the scheduler's grouping controls (the context floor aside)."""
+        return 1 - sum(self.content_frames) / (self.batch_size * max(self.content_frames))
+
+    @property
+    def decoder_padding(self) -> float:
+        longest = max(self.decoder_steps, default=0)
+        return 1 - sum(self.decoder_steps) / (self.batch_size * longest) if longest else 0.0
+
+
+def audio_context(frames: list[int], shorten: bool, step: int = 500, minimum: int = 1500) -> int:
+    """Mel frames the encoder runs over: 3000 (30 s, as openai-whisper), or the longest window
+    rounded up to `step` frames and at least `minimum`, so similar batches share a shape."""
+    if not shorten:
+        return N_FRAMES
+    longest = max(frames)
+    return min(N_FRAMES, max(minimum, -(-longest // step) * step))
+
+
+def encode(model: Whisper, mel: Tensor) -> Tensor:
+    """The audio encoder over (batch, n_mels, frames) for any even `frames` ≤ 3000: openai-whisper's
+    forward with the positional embedding cut to the context instead of asserting 1500."""
+    encoder = model.encoder
+    if mel.shape[-1] == N_FRAMES:
+        return encoder(mel)
+    x = F.gelu(encoder.conv1(mel))
+    x = F.gelu(encoder.conv2(x)).permute(0, 2, 1)
+    x = (x + encoder.positional_embedding[: x.shape[1]]).to(x.dtype)
+    for block in encoder.blocks:
+        x = block(x)
+    return encoder.ln_post(x)
+
+
+class KVCache:
+    """Per-layer self-attention keys/values, (rows, capacity, width), each row at its own length."""
+
+    def __init__(self, model: Whisper, rows: int, capacity: int, audio: Tensor):
+        decoder = model.decoder
+        width = model.dims.n_text_state
+        # zeros, not empty: masked slots get zero weight, but 0 × NaN from stale memory is NaN
+        self.self_kv = [
+            (audio.new_zeros(rows, capacity, width), audio.new_zeros(rows, capacity, width)) for _ in decoder.blocks
+        ]
+        # cross-attention keys/values: computed once, shared by language detection and decoding
+        self.cross_kv = [(b.cross_attn.key(audio), b.cross_attn.value(audio)) for b in decoder.blocks]
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=audio.device)
+
+    def keep(self, rows: Tensor) -> None:
+        """Drop finished rows (they stop costing work)."""
+        self.self_kv = [(k[rows], v[rows]) for k, v in self.self_kv]
+        self.cross_kv = [(k[rows], v[rows]) for k, v in self.cross_kv]
+        self.lengths = self.lengths[rows]
+
+
+def _attend(attn: MultiHeadAttention, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    heads = lambda t: t.view(*t.shape[:2], attn.n_head, -1).transpose(1, 2)  # noqa: E731
+    q, k, v = heads(q), heads(k), heads(v)
+    if isinstance(attn, FlashAttention):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None])
+    else:  # the reference: explicit weights
+        w = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if mask is not None:
+            w = w.masked_fill(~mask[:, None], float("-inf"))
+        out = F.softmax(w.float(), dim=-1).to(q.dtype) @ v
+    return out.transpose(1, 2).flatten(start_dim=2)
+
+
+def decoder_hidden(model: Whisper, tokens: Tensor, cache: KVCache, new_lengths: Tensor) -> Tensor:
+    """Run the text decoder over `tokens` (rows, T) appended at each row's own position; each row
+    has `new_lengths` real tokens (the rest is padding). Returns the final hidden states."""
+    decoder = model.decoder
+    rows, n = tokens.shape
+    positions = cache.lengths[:, None] + torch.arange(n, device=tokens.device)
+    positions = positions.clamp(max=decoder.positional_embedding.shape[0] - 1)
+    xa_dtype = cache.cross_kv[0][0].dtype
+    x = (decoder.token_embedding(tokens) + decoder.positional_embedding[positions].to(xa_dtype)).to(xa_dtype)
+    keys = int(cache.lengths.max()) + n
+    mask = torch.arange(keys, device=tokens.device)[None, None, :] <= positions[:, :, None]  # causal, per row
+    row_index = torch.arange(rows, device=tokens.device)[:, None]
+    for block, (k_cache, v_cache), (ck, cv) in zip(decoder.blocks, cache.self_kv, cache.cross_kv):
+        attn, cross = block.attn, block.cross_attn
+        h = block.attn_ln(x)
+        k_cache[row_index, positions] = attn.key(h)
+        v_cache[row_index, positions] = attn.value(h)
+        x = x + attn.out(_attend(attn, attn.query(h), k_cache[:, :keys], v_cache[:, :keys], mask))
+        x = x + cross.out(_attend(cross, cross.query(block.cross_attn_ln(x)), ck, cv, None))
+        x = x + block.mlp(block.mlp_ln(x))
+    cache.lengths = cache.lengths + new_lengths
+    return decoder.ln(x)
+
+
+def logits(model: Whisper, hidden: Tensor) -> Tensor:
+    decoder = model.decoder
+    if hasattr(decoder, "project"):  # variants (int8 replaces the output projection)
+        return decoder.project(hidden)
+    return (hidden @ decoder.token_embedding.weight.to(hidden.dtype).T).float()
+
+
+def suppressed_tokens(tokenizer: Tokenizer) -> list[int]:
+    """openai-whisper's default `suppress_tokens="-1"`: non-speech symbols and special tokens."""
+    special = [tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev, tokenizer.sot_lm]
+    if tokenizer.no_speech is not None:
+        special.append(tokenizer.no_speech)
+    return sorted(set(tokenizer.non_speech_tokens) | set(special))
+
+
+def detect_languages(model: Whisper, tokenizer: Tokenizer, cache: KVCache, rows: Tensor) -> list[str]:
+    """Most likely language of each of `rows`, from one decoder step on <|startoftranscript|>,
+    sharing the batch's cross-attention keys/values (no cache rows are written)."""
+    probe = KVCache.__new__(KVCache)
+    probe.self_kv = [(k[rows, :1].clone(), v[rows, :1].clone()) for k, v in cache.self_kv]
+    probe.cross_kv = [(k[rows], v[rows]) for k, v in cache.cross_kv]
+    probe.lengths = torch.zeros(len(rows), dtype=torch.long, device=rows.device)
+    sot = torch.full((len(rows), 1), tokenizer.sot, device=rows.device)
+    scores = logits(model, decoder_hidden(model, sot, probe, probe.lengths + 1))[:, 0]
+    language_tokens = torch.tensor(tokenizer.all_language_tokens, device=scores.device)
+    best = scores[:, language_tokens].argmax(dim=-1)
+    codes = tokenizer.all_language_codes
+    return [codes[i] for i in best.tolist()]
+
+
+def decode_batch(
+    model: Whisper, tokenizer: Tokenizer, windows: list[WindowInput], shorten_context: bool, fp16: bool = False
+) -> tuple[list[WindowOutput], BatchStats]:
+    """Decode windows of one model, variant and task together (see the module docstring)."""
+    device = model.device
+    dtype = torch.float16 if fp16 else torch.float32
+    rows = len(windows)
+    frames = [w.frames for w in windows]
+    context = audio_context(frames, shorten_context and not any(w.full_context for w in windows))
+    shortened = context < N_FRAMES
+    mel = torch.zeros(rows, windows[0].mel.shape[0], context, dtype=dtype, device=device)
+    for i, w in enumerate(windows):  # zero-padded like openai-whisper's transcribe()
+        mel[i, :, : w.frames] = w.mel[:, :context].to(device, dtype)
+    audio = encode(model, mel)
+
+    # the prompt, then <|startoftranscript|> (language, task): right-padded per row
+    prefixes, sot_index = [], []
+    prefix_capacity = max(len(w.prompt) + 1 for w in windows) + 3
+    cache = KVCache(model, rows, prefix_capacity + SAMPLE_LEN, audio)
+    languages = [w.language for w in windows]
+    if model.is_multilingual:
+        undetected = [i for i, lang in enumerate(languages) if lang is None]
+        if undetected:
+            found = detect_languages(model, tokenizer, cache, torch.tensor(undetected, device=device))
+            for i, lang in zip(undetected, found):
+                languages[i] = lang
+    for w, lang in zip(windows, languages):
+        prompt = [tokenizer.sot_prev, *w.prompt] if w.prompt else []
+        sot_sequence = [tokenizer.sot]
+        if model.is_multilingual:
+            sot_sequence += [tokenizer.to_language_token(lang), tokenizer.sot_sequence[-1]]
+        sot_index.append(len(prompt))
+        prefixes.append(prompt + sot_sequence)
+    lengths = torch.tensor([len(p) for p in prefixes], device=device)
+    tokens = torch.full((rows, int(lengths.max())), tokenizer.eot, dtype=torch.long, device=device)
+    for i, p in enumerate(prefixes):
+        tokens[i, : len(p)] = torch.tensor(p)
+    hidden = decoder_hidden(model, tokens, cache, lengths)
+    every = torch.arange(rows, device=device)
+    at_sot = logits(model, hidden[every, torch.tensor(sot_index, device=device)])
+    no_speech = at_sot.softmax(dim=-1)[:, tokenizer.no_speech].tolist() if tokenizer.no_speech is not None else [0.0] * rows
+    next_logits = logits(model, hidden[every, lengths - 1])
+
+    precision = CHUNK_LENGTH / model.dims.n_audio_ctx  # 0.02 s per timestamp token
+    rules = [
+        SuppressBlank(tokenizer, 0),
+        SuppressTokens(suppressed_tokens(tokenizer)),
+        ApplyTimestampRules(tokenizer, 0, round(MAX_INITIAL_TIMESTAMP / precision)),
+    ]
+    temperatures = torch.tensor([w.temperature for w in windows], device=device)
+    durations = [w.frames / FRAMES_PER_SECOND for w in windows]
+    budgets = [int(BUDGET_BASE_TOKENS + BUDGET_TOKENS_PER_SECOND * d) for d in durations]
+    last_timestamp = torch.tensor([tokenizer.timestamp_begin + round(d / precision) for d in durations], device=device)
+    sampled: list[list[int]] = [[] for _ in range(rows)]
+    sum_logprobs = [0.0] * rows
+    over_budget = [False] * rows
+    active = list(range(rows))  # original row index of each row still decoding
+    generated = torch.empty(rows, 0, dtype=torch.long, device=device)
+    for step in range(SAMPLE_LEN):
+        scores = next_logits.float()
+        if shortened:  # no timestamp past the real end of the window
+            scores = scores.masked_fill(
+                torch.arange(scores.shape[-1], device=device)[None, :] > last_timestamp[active][:, None], float("-inf")
+            )
+        for rule in rules:
+            rule.apply(scores, generated)
+        logprobs = F.log_softmax(scores, dim=-1)
+        chosen = scores.argmax(dim=-1)
+        hot = temperatures[active] > 0
+        if hot.any():
+            sampled_hot = torch.distributions.Categorical(logits=scores[hot] / temperatures[active][hot, None]).sample()
+            chosen[hot] = sampled_hot
+        chosen_logprobs = logprobs[torch.arange(len(active)), chosen].tolist()
+        finished = []
+        for j, (row, token, lp) in enumerate(zip(active, chosen.tolist(), chosen_logprobs)):
+            sum_logprobs[row] += lp
+            if token == tokenizer.eot:
+                finished.append(j)
+                continue
+            sampled[row].append(token)
+            if shortened:
+                tail = sampled[row][-2:]
+                closing = token >= tokenizer.timestamp_begin and len(tail) == 2 and tail[0] < tokenizer.eot
+                if closing and (token - tokenizer.timestamp_begin) * precision >= durations[row] - END_GUARD_SECONDS:
+                    finished.append(j)
+                elif len(sampled[row]) >= budgets[row]:
+                    over_budget[row] = True
+                    finished.append(j)
+        generated = torch.cat([generated, chosen[:, None]], dim=1)
+        if finished:
+            keep = [j for j in range(len(active)) if j not in set(finished)]
+            if not keep:
+                break
+            keep_index = torch.tensor(keep, device=device)
+            cache.keep(keep_index)
+            generated, chosen = generated[keep_index], chosen[keep_index]
+            active = [active[j] for j in keep]
+        if step == SAMPLE_LEN - 1:
+            break
+        next_logits = logits(model, decoder_hidden(model, chosen[:, None], cache, torch.ones_like(cache.lengths)))[:, 0]
+
+    outputs = []
+    for row, w in enumerate(windows):
+        text = tokenizer.decode([t for t in sampled[row] if t < tokenizer.eot])
+        outputs.append(
+            WindowOutput(
+                tokens=sampled[row],
+                text=text,
+                language=languages[row] or "en",
+                temperature=w.temperature,
+                avg_logprob=sum_logprobs[row] / (len(sampled[row]) + 1),
+                no_speech_prob=float(no_speech[row]),
+                compression_ratio=get_compression_ratio(text) if text else 0.0,
+                over_budget=over_budget[row],
+            )
+        )
+    stats = BatchStats(rows, context, frames, [len(s) + 1 for s in sampled])
+    return outputs, stats
+
+
+def split_segments(
+    tokens: list[int], tokenizer: Tokenizer, duration: float
+) -> tuple[list[tuple[float, float, list[int]]], float]:
+    """openai-whisper's reading of a window's sampled tokens: (start, end, tokens) per segment,
+    in seconds from the window's start, and how many seconds of the window they account for.
+
+    Segments are the spans between consecutive timestamp tokens. When the output ends with a
+    single timestamp, the whole window is done; otherwise the unfinished last segment is
+    dropped and the window is done only up to the last timestamp (the caller decodes the rest
+    again, as `transcribe()` does). Without any timestamp pair the window is one segment.
+    """
+    precision = CHUNK_LENGTH / 1500  # 0.02 s per timestamp token
+    is_time = [t >= tokenizer.timestamp_begin for t in tokens]
+    single_ending = is_time[-2:] == [False, True]
+    slices = [i + 1 for i in range(len(tokens) - 1) if is_time[i] and is_time[i + 1]]
+    if not slices:
+        times = [t for t, ts in zip(tokens, is_time) if ts]
+        end = (times[-1] - tokenizer.timestamp_begin) * precision if times and times[-1] != tokenizer.timestamp_begin else duration
+        return [(0.0, end, tokens)], duration
+    if single_ending:
+        slices.append(len(tokens))
+    segments, last = [], 0
+    for current in slices:
+        piece = tokens[last:current]
+        start, end = ((piece[i] - tokenizer.timestamp_begin) * precision for i in (0, -1))
+        segments.append((start, end, piece))
+        last = current
+    done = duration if single_ending else (tokens[last - 1] - tokenizer.timestamp_begin) * precision
+    return segments, done
