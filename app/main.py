@@ -10,7 +10,8 @@ import torch
 from fastapi import FastAPI
 from starlette.formparsers import MultiPartParser
 
-from app.api import audio, health, metrics as metrics_api, models
+from app.api import audio, health, models
+from app.api import metrics as metrics_api
 from app.errors import install_error_handlers
 from app.limits import UploadSizeLimit
 from app.metrics import Metrics

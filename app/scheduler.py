@@ -33,7 +33,7 @@ from typing import Callable, Literal
 import numpy as np
 
 from optim.decoding import BatchStats
-from optim.engine import Task, Transcript, TranscriptionOptions, Window, WindowResult, WhisperEngine, assemble
+from optim.engine import Task, Transcript, TranscriptionOptions, WhisperEngine, Window, WindowResult, assemble
 
 log = logging.getLogger(__name__)
 

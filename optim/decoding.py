@@ -68,7 +68,7 @@ class WindowOutput:
     avg_logprob: float
     no_speech_prob: float
     compression_ratio: float
-    over_budget: bool  # the shortened-context token budget ran out
+    guard_tripped: bool  # a shortened-context guard stopped it: token budget, or a phrase on repeat
 
 
 @dataclass
@@ -207,32 +207,20 @@ def detect_languages(model: Whisper, tokenizer: Tokenizer, cache: KVCache, rows:
     return [codes[i] for i in best.tolist()]
 
 
-def decode_batch(
-    model: Whisper, tokenizer: Tokenizer, windows: list[WindowInput], shorten_context: bool, fp16: bool = False
-) -> tuple[list[WindowOutput], BatchStats]:
-    """Decode windows of one model, variant and task together (see the module docstring)."""
-    device = model.device
-    dtype = torch.float16 if fp16 else torch.float32
+def _prefill(
+    model: Whisper, tokenizer: Tokenizer, windows: list[WindowInput], cache: KVCache
+) -> tuple[list[str | None], list[float], Tensor]:
+    """Detect languages where needed, then run each row's prompt and <|startoftranscript|>
+    sequence (right-padded to the longest) through the decoder: the languages, the no-speech
+    probability of each row, and the logits of its first sampled token."""
+    device = cache.lengths.device
     rows = len(windows)
-    frames = [w.frames for w in windows]
-    context = audio_context(frames, shorten_context and not any(w.full_context for w in windows))
-    shortened = context < N_FRAMES
-    mel = torch.zeros(rows, windows[0].mel.shape[0], context, dtype=dtype, device=device)
-    for i, w in enumerate(windows):  # zero-padded like openai-whisper's transcribe()
-        mel[i, :, : w.frames] = w.mel[:, :context].to(device, dtype)
-    audio = encode(model, mel)
-
-    # the prompt, then <|startoftranscript|> (language, task): right-padded per row
-    prefixes, sot_index = [], []
-    prefix_capacity = max(len(w.prompt) + 1 for w in windows) + 3
-    cache = KVCache(model, rows, prefix_capacity + SAMPLE_LEN, audio)
     languages = [w.language for w in windows]
-    if model.is_multilingual:
-        undetected = [i for i, lang in enumerate(languages) if lang is None]
-        if undetected:
-            found = detect_languages(model, tokenizer, cache, torch.tensor(undetected, device=device))
-            for i, lang in zip(undetected, found):
-                languages[i] = lang
+    undetected = [i for i, lang in enumerate(languages) if lang is None]
+    if model.is_multilingual and undetected:
+        for i, lang in zip(undetected, detect_languages(model, tokenizer, cache, torch.tensor(undetected, device=device))):
+            languages[i] = lang
+    prefixes, sot_index = [], []
     for w, lang in zip(windows, languages):
         prompt = [tokenizer.sot_prev, *w.prompt] if w.prompt else []
         sot_sequence = [tokenizer.sot]
@@ -248,7 +236,26 @@ def decode_batch(
     every = torch.arange(rows, device=device)
     at_sot = logits(model, hidden[every, torch.tensor(sot_index, device=device)])
     no_speech = at_sot.softmax(dim=-1)[:, tokenizer.no_speech].tolist() if tokenizer.no_speech is not None else [0.0] * rows
-    next_logits = logits(model, hidden[every, lengths - 1])
+    return languages, no_speech, logits(model, hidden[every, lengths - 1])
+
+
+def decode_batch(
+    model: Whisper, tokenizer: Tokenizer, windows: list[WindowInput], shorten_context: bool, fp16: bool = False
+) -> tuple[list[WindowOutput], BatchStats]:
+    """Decode windows of one model, variant and task together (see the module docstring)."""
+    device = model.device
+    dtype = torch.float16 if fp16 else torch.float32
+    rows = len(windows)
+    frames = [w.frames for w in windows]
+    context = audio_context(frames, shorten_context and not any(w.full_context for w in windows))
+    shortened = context < N_FRAMES
+    mel = torch.zeros(rows, windows[0].mel.shape[0], context, dtype=dtype, device=device)
+    for i, w in enumerate(windows):  # zero-padded like openai-whisper's transcribe()
+        mel[i, :, : w.frames] = w.mel[:, :context].to(device, dtype)
+    audio = encode(model, mel)
+
+    cache = KVCache(model, rows, max(len(w.prompt) + 1 for w in windows) + 3 + SAMPLE_LEN, audio)
+    languages, no_speech, next_logits = _prefill(model, tokenizer, windows, cache)
 
     precision = CHUNK_LENGTH / model.dims.n_audio_ctx  # 0.02 s per timestamp token
     rules = [
@@ -262,7 +269,7 @@ def decode_batch(
     last_timestamp = torch.tensor([tokenizer.timestamp_begin + round(d / precision) for d in durations], device=device)
     sampled: list[list[int]] = [[] for _ in range(rows)]
     sum_logprobs = [0.0] * rows
-    over_budget = [False] * rows
+    guard_tripped = [False] * rows
     active = list(range(rows))  # original row index of each row still decoding
     generated = torch.empty(rows, 0, dtype=torch.long, device=device)
     for step in range(SAMPLE_LEN):
@@ -292,8 +299,8 @@ def decode_batch(
                 closing = token >= tokenizer.timestamp_begin and len(tail) == 2 and tail[0] < tokenizer.eot
                 if closing and (token - tokenizer.timestamp_begin) * precision >= durations[row] - END_GUARD_SECONDS:
                     finished.append(j)
-                elif len(sampled[row]) >= budgets[row]:
-                    over_budget[row] = True
+                elif len(sampled[row]) >= budgets[row] or tail_repeats(sampled[row], tokenizer.eot):
+                    guard_tripped[row] = True  # stop now rather than loop to the budget: it is re-decoded
                     finished.append(j)
         generated = torch.cat([generated, chosen[:, None]], dim=1)
         if finished:
@@ -320,11 +327,21 @@ def decode_batch(
                 avg_logprob=sum_logprobs[row] / (len(sampled[row]) + 1),
                 no_speech_prob=float(no_speech[row]),
                 compression_ratio=get_compression_ratio(text) if text else 0.0,
-                over_budget=over_budget[row],
+                guard_tripped=guard_tripped[row],
             )
         )
     stats = BatchStats(rows, context, frames, [len(s) + 1 for s in sampled])
     return outputs, stats
+
+
+def tail_repeats(tokens: list[int], eot: int, times: int = 3) -> bool:
+    """The text tokens end in a phrase of 2–15 tokens said `times` times in a row: a loop,
+    detected as it forms (timestamps between the repeats are ignored)."""
+    text = [t for t in tokens[-100:] if t < eot]
+    for n in range(2, 16):
+        if len(text) >= times * n and all(text[-n:] == text[len(text) - (k + 1) * n : len(text) - k * n] for k in range(1, times)):
+            return True
+    return False
 
 
 def split_segments(

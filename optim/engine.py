@@ -30,7 +30,7 @@ from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, Tokenizer, get_tokeni
 
 from optim.decoding import BatchStats, WindowInput, WindowOutput, decode_batch, split_segments
 from optim.memory import release_freed_memory
-from optim.registry import REFERENCE, UnknownVariant, VariantCache, all_variants, canonical
+from optim.registry import UnknownVariant, VariantCache, all_variants, canonical
 from optim.weights import load_whisper
 from optim.windows import split_at_pauses
 
@@ -339,7 +339,7 @@ class WhisperEngine:
         for window, out in zip(windows, outputs):
             silence = out.no_speech_prob > NO_SPEECH_THRESHOLD and out.avg_logprob < LOGPROB_THRESHOLD
             looping = out.compression_ratio > COMPRESSION_RATIO_THRESHOLD
-            if shortened and (out.over_budget or looping or repeats_phrase(out.text)):
+            if shortened and (out.guard_tripped or looping or repeats_phrase(out.text)):
                 results.append(WindowResult(window.offset, [], out.language, retry=replace(window, full_context=True)))
             elif window.fallback and not silence and (looping or out.avg_logprob < LOGPROB_THRESHOLD) and out.temperature < 1.0:
                 hotter = FALLBACK_TEMPERATURES[FALLBACK_TEMPERATURES.index(round(out.temperature, 1)) + 1]
@@ -384,7 +384,7 @@ class WhisperEngine:
             )
         consumed = round(done * 100)  # mel frames
         rest = None
-        if consumed < window.mel.shape[-1]:
+        if 0 < consumed < window.mel.shape[-1]:  # (0: nothing consumed; never re-queue the same window)
             rest = replace(
                 window, mel=window.mel[:, consumed:], offset=window.offset + consumed / 100, temperature=0.0 if window.fallback else window.temperature, full_context=False
             )

@@ -51,6 +51,9 @@ async def _run(
     transcript = await service.transcribe(file, model, options, variant)
     response = render(transcript, response_format, granularities)
     response.headers["X-Model"] = f"{transcript.model}:{transcript.variant}"
+    response.headers["X-Queue-Seconds"] = f"{transcript.queue_seconds:.3f}"
+    response.headers["X-Processing-Seconds"] = f"{transcript.processing_seconds:.3f}"
+    response.headers["X-Batch-Size"] = f"{transcript.batch_size:.2f}"
     return response
 
 
@@ -58,7 +61,7 @@ ModelField = Annotated[
     str | None, Form(description="A served model id, optionally `model:variant` (see GET /v1/models), or `whisper-1`.")
 ]
 VariantField = Annotated[str | None, Form(description="A model variant (`fp32`, `int8+flash`, ...); same as `model:variant`.")]
-PromptField = Annotated[str | None, Form(description="Text to steer style or vocabulary; conditions the first window.")]
+PromptField = Annotated[str | None, Form(description="Text to steer style or vocabulary; conditions every window.")]
 FormatField = Annotated[ResponseFormat, Form()]
 TemperatureField = Annotated[float, Form(ge=0.0, le=1.0, description="0 = greedy with automatic fallback.")]
 
