@@ -13,7 +13,24 @@ import pytest
 from loadtest import metrics, stats
 from loadtest.cli import main
 from loadtest.workload import build_workload
-from tests.conftest import Server, english_wer
+from tests.conftest import CLIPS, ENGLISH_READ, Server, english_wer
+
+
+@pytest.fixture(scope="module")
+def eval_dir(tmp_path_factory):
+    """An eval tree in the layout the tool reads (`en_read/`, `en_untranscribed/`), made of the
+    repository's own English clips, so the tests need nothing outside it."""
+    root = tmp_path_factory.mktemp("eval")
+    english = [c for c in CLIPS.values() if c.lang == "en" and c.duration < 35]
+    sets = {
+        "en_read": [(c.id, c, c.text) for c in ENGLISH_READ],
+        "en_untranscribed": [(f"u-{c.id}", c, None) for c in english],
+    }
+    for name, rows in sets.items():
+        (root / name).mkdir()
+        lines = [json.dumps({"id": i, "audio": str(c.path), "duration_s": c.duration, "text": t}) for i, c, t in rows]
+        (root / name / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return root
 
 # -- arithmetic --------------------------------------------------------------------------------
 
@@ -94,15 +111,15 @@ def test_plain_parser_reads_escaped_label_values():
     assert [(s.name, s.labels, s.value) for s in samples] == [("m_sum", {"a": 'x"y', "b": "c,d"}, 1.5), ("m_count", {}, 2.0)]
 
 
-def test_workload_is_seeded_mixed_and_within_the_duration_cap():
-    first, again = build_workload(40, seed=0), build_workload(40, seed=0)
+def test_workload_is_seeded_mixed_and_within_the_duration_cap(eval_dir):
+    first, again = build_workload(8, seed=0, eval_dir=eval_dir), build_workload(8, seed=0, eval_dir=eval_dir)
     assert [i.id for i in first.items] == [i.id for i in again.items]
-    assert [i.id for i in build_workload(40, seed=1).items] != [i.id for i in first.items]
+    assert [i.id for i in build_workload(8, seed=1, eval_dir=eval_dir).items] != [i.id for i in first.items]
     # A quarter referenced (en_read), the rest unreferenced, shuffled together.
-    assert sum(i.reference is not None for i in first.items) == 10
-    assert len({i.id for i in first.items}) == 40
+    assert sum(i.reference is not None for i in first.items) == 2
+    assert len({i.id for i in first.items}) == 8
     assert all(i.audio and len(i.audio) == i.path.stat().st_size for i in first.items)
-    short = build_workload(50, seed=0, max_duration=8.0)
+    short = build_workload(4, seed=0, eval_dir=eval_dir, max_duration=8.0)
     assert max(i.duration for i in short.items) <= 8.0
 
 
@@ -124,8 +141,9 @@ def _check_runs(document: dict, requests: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_spawned_batched_and_unbatched_servers(tmp_path, capsys):
+def test_spawned_batched_and_unbatched_servers(tmp_path, capsys, eval_dir):
     argv = ["--spawn", "--model", "tiny.en", "--variants", "flash", "--concurrency", "1,2", "--requests", "4", "--quick"]
+    argv += ["--eval-dir", str(eval_dir)]
     assert main([*argv, "--out", str(tmp_path)]) == 0
 
     for name in ("loadtest.json", "loadtest.md", "loadtest_throughput.png", "loadtest_latency.png"):
@@ -150,7 +168,7 @@ def test_spawned_batched_and_unbatched_servers(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_running_server_given_by_url(tmp_path):
+def test_running_server_given_by_url(tmp_path, eval_dir):
     server = Server(MODELS="tiny.en", DEFAULT_MODEL="tiny.en", PRELOAD_VARIANTS="tiny.en:flash").wait_ready()
     try:
         argv = [
@@ -165,6 +183,8 @@ def test_running_server_given_by_url(tmp_path):
             "--requests",
             "4",
             "--quick",
+            "--eval-dir",
+            str(eval_dir),
         ]
         assert main([*argv, "--out", str(tmp_path), "--name", "external"]) == 0
     finally:
