@@ -99,10 +99,6 @@ class Scheduler:
     def queued_windows(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
-    @property
-    def admitted(self) -> int:
-        return self._admitted
-
     async def transcribe(self, model_id: str, variant: str, samples: np.ndarray, options: TranscriptionOptions) -> Transcript:
         if self._admitted >= self.config.max_queue:
             raise QueueFull(self._retry_after())
