@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import numpy as np
+from whisper.audio import SAMPLE_RATE
 
 from optim.decoding import BatchStats
 from optim.engine import Task, Transcript, TranscriptionOptions, WhisperEngine, Window, WindowResult, assemble
@@ -111,7 +112,7 @@ class Scheduler:
     async def _transcribe(self, model_id: str, variant: str, samples: np.ndarray, options: TranscriptionOptions) -> Transcript:
         arrived = time.perf_counter()
         await self.engine.ensure_loaded(model_id, variant, options)
-        duration = len(samples) / 16_000
+        duration = len(samples) / SAMPLE_RATE
         if self.engine.is_silent(samples):
             return assemble(model_id, variant, options.task, duration, [])
         windows = await asyncio.to_thread(self.engine.windows, model_id, samples, options)

@@ -131,7 +131,7 @@ def run_configuration(model_name: str, engine: str, manifest: Path, workdir: Pat
 # ------------------------------------------------------------------------------ the whole run
 
 
-def _machine() -> dict:
+def machine_info() -> dict:
     import torch
     import whisper
 
@@ -183,7 +183,7 @@ def main() -> None:
             check=True,
         )
         rows.append(json.loads(worker.stdout.strip().splitlines()[-1]))
-    results = {"machine": _machine(), "manifest": str(args.manifest), "rows": rows}
+    results = {"machine": machine_info(), "manifest": str(args.manifest), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     args.out.with_suffix(".md").write_text(markdown(results))

@@ -27,6 +27,7 @@ from whisper.normalizers import EnglishTextNormalizer
 
 from app.audio import decode_audio
 from app.scheduler import Scheduler, SchedulerConfig
+from optim.bench import machine_info
 from optim.engine import TranscriptionOptions, WhisperEngine
 
 EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "eval"
@@ -88,17 +89,11 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         engine.close()
-    machine = {"platform": platform.platform(), "processor": _cpu(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    described = machine_info()
+    machine = {"platform": platform.platform(), "processor": described["cpu"], "threads": torch.get_num_threads(), "torch": torch.__version__}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "context.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     (args.out / "context.md").write_text(_markdown(rows, machine))
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def _markdown(rows: list[dict], machine: dict) -> str:

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from tqdm import tqdm
 from whisper.normalizers import EnglishTextNormalizer
 
 from app.audio import decode_audio
+from loadtest.server import free_port, wait_until_ready
 from optim.memory import rss_mb
 from optim.weights import load_whisper
 
@@ -51,10 +51,6 @@ def _machine() -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _corpus_wer(references: list[str], hypotheses: list[str]) -> float:
@@ -74,22 +70,14 @@ def main() -> None:
     items = [i for i in items if i.get("text")]
     audio_seconds = sum(i["duration_s"] for i in items)
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PORT": str(port), "MODELS": args.models, "DEFAULT_MODEL": models[0], "LOG_LEVEL": "warning"}
     server = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env)
     results: dict = {"machine": _machine(), "manifest": str(args.manifest), "clips": len(items), "audio_seconds": audio_seconds, "models": {}}
     try:
         url = f"http://127.0.0.1:{port}"
-        started = time.perf_counter()
-        while True:
-            try:
-                ready = httpx.get(f"{url}/ready", timeout=2)
-                if ready.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        results["server_ready_seconds"] = round(time.perf_counter() - started, 2)
+        results["server_ready_seconds"] = round(wait_until_ready(url, server, None), 2)
+        ready = httpx.get(f"{url}/ready", timeout=5)
         results["rss_after_load_mb"] = round(rss_mb(server.pid)[0], 1)
         client = OpenAI(base_url=f"{url}/v1", api_key="none", timeout=600, max_retries=0)
 

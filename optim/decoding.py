@@ -133,6 +133,14 @@ class KVCache:
         self.cross_kv = [(b.cross_attn.key(audio), b.cross_attn.value(audio)) for b in decoder.blocks]
         self.lengths = torch.zeros(rows, dtype=torch.long, device=audio.device)
 
+    def probe(self, rows: Tensor) -> "KVCache":
+        """A one-token cache for `rows`, sharing their cross-attention keys/values (language detection)."""
+        probe = KVCache.__new__(KVCache)
+        probe.self_kv = [(k[rows, :1].clone(), v[rows, :1].clone()) for k, v in self.self_kv]
+        probe.cross_kv = [(k[rows], v[rows]) for k, v in self.cross_kv]
+        probe.lengths = torch.zeros(len(rows), dtype=torch.long, device=rows.device)
+        return probe
+
     def keep(self, rows: Tensor) -> None:
         """Drop finished rows (they stop costing work)."""
         self.self_kv = [(k[rows], v[rows]) for k, v in self.self_kv]
@@ -195,10 +203,7 @@ def suppressed_tokens(tokenizer: Tokenizer) -> list[int]:
 def detect_languages(model: Whisper, tokenizer: Tokenizer, cache: KVCache, rows: Tensor) -> list[str]:
     """Most likely language of each of `rows`, from one decoder step on <|startoftranscript|>,
     sharing the batch's cross-attention keys/values (no cache rows are written)."""
-    probe = KVCache.__new__(KVCache)
-    probe.self_kv = [(k[rows, :1].clone(), v[rows, :1].clone()) for k, v in cache.self_kv]
-    probe.cross_kv = [(k[rows], v[rows]) for k, v in cache.cross_kv]
-    probe.lengths = torch.zeros(len(rows), dtype=torch.long, device=rows.device)
+    probe = cache.probe(rows)
     sot = torch.full((len(rows), 1), tokenizer.sot, device=rows.device)
     scores = logits(model, decoder_hidden(model, sot, probe, probe.lengths + 1))[:, 0]
     language_tokens = torch.tensor(tokenizer.all_language_tokens, device=scores.device)
@@ -272,12 +277,11 @@ def decode_batch(
     guard_tripped = [False] * rows
     active = list(range(rows))  # original row index of each row still decoding
     generated = torch.empty(rows, 0, dtype=torch.long, device=device)
+    vocabulary = torch.arange(next_logits.shape[-1], device=device)[None, :]
     for step in range(SAMPLE_LEN):
         scores = next_logits.float()
         if shortened:  # no timestamp past the real end of the window
-            scores = scores.masked_fill(
-                torch.arange(scores.shape[-1], device=device)[None, :] > last_timestamp[active][:, None], float("-inf")
-            )
+            scores = scores.masked_fill(vocabulary > last_timestamp[active][:, None], float("-inf"))
         for rule in rules:
             rule.apply(scores, generated)
         logprobs = F.log_softmax(scores, dim=-1)
@@ -304,7 +308,8 @@ def decode_batch(
                     finished.append(j)
         generated = torch.cat([generated, chosen[:, None]], dim=1)
         if finished:
-            keep = [j for j in range(len(active)) if j not in set(finished)]
+            done = set(finished)
+            keep = [j for j in range(len(active)) if j not in done]
             if not keep:
                 break
             keep_index = torch.tensor(keep, device=device)

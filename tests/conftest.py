@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +13,8 @@ import httpx
 import pytest
 from jiwer import wer
 from whisper.normalizers import EnglishTextNormalizer
+
+from loadtest.server import free_port, stop, wait_until_ready
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
@@ -72,12 +72,6 @@ def base_model():
     return load_whisper("base")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """`python -m app` in a child process, on a loopback port, as a user would run it."""
 
@@ -88,24 +82,11 @@ class Server:
         self.process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=environment)
 
     def wait_ready(self, timeout: float = 120) -> "Server":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("server did not become ready")
+        wait_until_ready(self.url, self.process, None, timeout)
+        return self
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        stop(self.process)
 
 
 @pytest.fixture(scope="session")
