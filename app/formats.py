@@ -1,4 +1,5 @@
-"""Render a `Transcript` in the response formats of OpenAI's Audio API."""
+"""Render a `Transcript` in the response formats of OpenAI's Audio API, and a request's
+performance figures as verbose_json's `metrics` object and as `X-...` headers (for every format)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from whisper.tokenizer import LANGUAGES
 from whisper.utils import format_timestamp
 
+from app.service import Outcome
 from optim.engine import Segment, Transcript
 
 
@@ -27,7 +29,46 @@ def as_json(t: Transcript) -> dict[str, Any]:
     return {"text": t.text, "usage": usage(t)}
 
 
-def as_verbose_json(t: Transcript, words: bool) -> dict[str, Any]:
+def performance(o: Outcome) -> dict[str, Any]:
+    """How the request went: where its time went, the batches it shared, and its accuracy when it
+    came with a reference. RTFx is audio seconds per compute second (None for silence, which needs
+    no model)."""
+    t = o.transcript
+    body: dict[str, Any] = {
+        "model": t.model,
+        "variant": t.variant,
+        "audio_seconds": round(t.duration, 3),
+        "decode_seconds": round(o.decode_seconds, 4),
+        "queue_seconds": round(t.queue_seconds, 4),
+        "compute_seconds": round(t.processing_seconds, 4),
+        "total_seconds": round(o.total_seconds, 4),
+        "rtfx": None if o.rtfx is None else round(o.rtfx, 2),
+        "batch_size": round(t.batch_size, 2),
+        "padding_ratio": {"encoder": round(t.encoder_padding, 4), "decoder": round(t.decoder_padding, 4)},
+    }
+    if o.score is not None:
+        body |= {"wer": round(o.score.wer, 4), "cer": round(o.score.cer, 4)}
+    return body
+
+
+def performance_headers(o: Outcome) -> dict[str, str]:
+    p = performance(o)
+    headers = {
+        "X-Model": f"{p['model']}:{p['variant']}",
+        "X-Audio-Seconds": str(p["audio_seconds"]),
+        "X-Decode-Seconds": str(p["decode_seconds"]),
+        "X-Queue-Seconds": str(p["queue_seconds"]),
+        "X-Compute-Seconds": str(p["compute_seconds"]),
+        "X-Total-Seconds": str(p["total_seconds"]),
+        "X-Batch-Size": str(p["batch_size"]),
+        "X-Padding-Ratio-Encoder": str(p["padding_ratio"]["encoder"]),
+        "X-Padding-Ratio-Decoder": str(p["padding_ratio"]["decoder"]),
+    }
+    optional = {"X-RTFx": p["rtfx"], "X-WER": p.get("wer"), "X-CER": p.get("cer")}
+    return headers | {name: str(value) for name, value in optional.items() if value is not None}
+
+
+def as_verbose_json(t: Transcript, words: bool, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "task": t.task,
         # OpenAI reports the language by name ("english"), and for a translation the output's.
@@ -39,6 +80,8 @@ def as_verbose_json(t: Transcript, words: bool) -> dict[str, Any]:
     }
     if words:
         body["words"] = [{"word": w.word.strip(), "start": w.start, "end": w.end} for w in t.words]
+    if metrics is not None:
+        body["metrics"] = metrics
     return body
 
 

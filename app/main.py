@@ -14,7 +14,7 @@ from app.api import audio, health, models
 from app.api import metrics as metrics_api
 from app.errors import install_error_handlers
 from app.limits import UploadSizeLimit
-from app.metrics import Metrics
+from app.metrics import Metrics, RequestCounter
 from app.scheduler import Scheduler, SchedulerConfig
 from app.service import TranscriptionService
 from app.settings import Settings
@@ -64,7 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ),
         on_batch=metrics.observe_batch,
     )
-    service = TranscriptionService(engine, scheduler, settings, preload)  # checks the defaults are served
+    service = TranscriptionService(engine, scheduler, metrics, settings, preload)  # checks the defaults are served
+    metrics.watch(engine, scheduler)
+    metrics.initialize([(m, service.default_variant) for m in engine.sources] + service.preload_variants)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -87,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     install_error_handlers(app)
     app.add_middleware(UploadSizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestCounter, metrics=metrics)  # added last: outermost, so it sees the size limit's 413s
     # Keep uploads in memory up to the size limit (Starlette spools to a temp file past 1 MiB).
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_upload_bytes)
     for router in (health.router, models.router, audio.router, metrics_api.router):

@@ -1,38 +1,236 @@
 """Prometheus metrics of the service, on one registry per app (tests start several apps).
 
-Label sets are bounded: model and variant come from the configured lists, stage is fixed."""
+Label sets are bounded: `model` and `variant` are served names (or "none" for a request refused
+before its model was known), `endpoint`, `status` (a class: 2xx, 4xx, 5xx), `stage` and `unit`
+are fixed sets. Nothing is labelled per request.
+
+Three sources feed it: the HTTP middleware (`RequestCounter`: every audio request, whatever its
+fate), the service (one `observe_request` per finished transcription) and the scheduler
+(`observe_batch`). Gauges of live state (queue, memory, weights) are read at scrape time.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Histogram
+import asyncio
+import time
+from typing import TYPE_CHECKING, Iterator
 
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from optim.accuracy import Score
 from optim.decoding import BatchStats
+from optim.memory import rss_mb
 
+if TYPE_CHECKING:
+    from app.scheduler import Scheduler
+    from optim.engine import Transcript, WhisperEngine
+
+UNRESOLVED = "none"  # model/variant label of a request refused before its model was known
+AUDIO_ENDPOINTS = {"/v1/audio/transcriptions": "transcriptions", "/v1/audio/translations": "translations"}
+
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
+DECODE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+RTFX_BUCKETS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 200, 500)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+ERROR_RATE_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0)
+
+
+disable_created_metrics()  # no `_created` series: Prometheus does not need them, and they double /metrics
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
 
 
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
+        model_variant = ["model", "variant"]
+
+        # Requests, counted by the HTTP middleware whatever their fate.
+        self.requests = Counter(
+            "whisper_requests", "Audio requests answered, by status class.", [*model_variant, "endpoint", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "whisper_request_duration_seconds",
+            "Total server time of a successful request: upload, audio decoding, queue, compute and response.",
+            [*model_variant, "endpoint"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.in_flight = Gauge("whisper_requests_in_flight", "Requests being transcribed now.", model_variant, registry=r)
+
+        # Stages of a successful transcription.
+        self.queue_seconds = Histogram(
+            "whisper_request_queue_seconds", "From scheduling to the first batch holding one of the request's windows.",
+            model_variant, buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.compute_seconds = Histogram(
+            "whisper_request_compute_seconds", "From the first batch to the last window's result.",
+            model_variant, buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.decode_seconds = Histogram(
+            "whisper_audio_decode_seconds", "Decoding an upload to 16 kHz mono samples (also when it fails).", buckets=DECODE_BUCKETS, registry=r
+        )
+        self.audio_seconds = Counter("whisper_audio_seconds", "Seconds of audio transcribed.", model_variant, registry=r)
+        self.rtfx = Histogram(
+            "whisper_rtfx", "Inverse real-time factor of a request: audio seconds / compute seconds.",
+            model_variant, buckets=RTFX_BUCKETS, registry=r,
+        )
+
+        # Batches, from the scheduler.
         self.batch_size = Histogram(
-            "whisper_batch_size", "Windows decoded together in one batch.", ["model", "variant"],
-            buckets=BATCH_SIZE_BUCKETS, registry=self.registry,
+            "whisper_batch_size", "Windows decoded together in one batch.", model_variant,
+            buckets=BATCH_SIZE_BUCKETS, registry=r,
         )
         self.padding_ratio = Histogram(
             "whisper_batch_padding_ratio",
             "Share of a batch's work spent on padding: 1 - sum(lengths) / (batch size x longest), "
             "for encoder frames and for decoder steps.",
-            ["model", "variant", "stage"],
-            buckets=RATIO_BUCKETS, registry=self.registry,
+            [*model_variant, "stage"], buckets=RATIO_BUCKETS, registry=r,
         )
         self.batch_seconds = Histogram(
-            "whisper_batch_seconds", "Wall time of one batch on the model's worker.", ["model", "variant"],
-            registry=self.registry,
+            "whisper_batch_seconds", "Wall time of one batch on the model's worker.", model_variant,
+            buckets=LATENCY_BUCKETS, registry=r,
         )
+
+        # Accuracy, from requests that carry a reference transcript. The counters give the corpus
+        # error rate (errors / reference length over all requests), the histograms the spread.
+        self.wer = Histogram("whisper_wer", "Word error rate of a request with a reference.", model_variant,
+                             buckets=ERROR_RATE_BUCKETS, registry=r)
+        self.cer = Histogram("whisper_cer", "Character error rate of a request with a reference.", model_variant,
+                             buckets=ERROR_RATE_BUCKETS, registry=r)
+        self.reference_errors = Counter(
+            "whisper_reference_errors", "Substitutions + deletions + insertions against references.",
+            [*model_variant, "unit"], registry=r,
+        )
+        self.reference_units = Counter(
+            "whisper_reference_units", "Length of the references (words or characters), after normalization.",
+            [*model_variant, "unit"], registry=r,
+        )
+
+    def initialize(self, pairs: list[tuple[str, str]]) -> None:
+        """Create every series of these (model, variant) pairs at zero. A series that first appears
+        already at 1 loses that first increment to rate() and increase() (Prometheus sees no change),
+        which would drop the first request from throughput, corpus WER and request counts. Only the
+        pairs expected to serve (each model's default variant, the preloaded ones): all of them
+        would fill every panel with flat lines for variants nobody uses."""
+        endpoints, statuses = AUDIO_ENDPOINTS.values(), ("2xx", "4xx", "5xx")
+        other_labels = {  # the values of each metric's labels after model and variant
+            self.requests: [(e, s) for e in endpoints for s in statuses],
+            self.request_seconds: [(e,) for e in endpoints],
+            self.padding_ratio: [("encoder",), ("decoder",)],
+            self.reference_errors: [("word",), ("char",)],
+            self.reference_units: [("word",), ("char",)],
+        }
+        per_variant = (
+            self.requests, self.request_seconds, self.in_flight, self.queue_seconds, self.compute_seconds,
+            self.audio_seconds, self.rtfx, self.batch_size, self.padding_ratio, self.batch_seconds,
+            self.wer, self.cer, self.reference_errors, self.reference_units,
+        )
+        for model, variant in pairs:
+            for metric in per_variant:
+                for rest in other_labels.get(metric, [()]):
+                    metric.labels(model, variant, *rest)
+
+    def watch(self, engine: WhisperEngine, scheduler: Scheduler) -> None:
+        """Export the live state of these at every scrape (queue, memory, weights)."""
+        self.registry.register(_LiveState(engine, scheduler))
 
     def observe_batch(self, model: str, variant: str, stats: BatchStats, seconds: float) -> None:
         self.batch_size.labels(model, variant).observe(stats.batch_size)
         self.padding_ratio.labels(model, variant, "encoder").observe(stats.encoder_padding)
         self.padding_ratio.labels(model, variant, "decoder").observe(stats.decoder_padding)
         self.batch_seconds.labels(model, variant).observe(seconds)
+
+    def observe_transcript(self, t: Transcript, score: Score | None) -> None:
+        labels = (t.model, t.variant)
+        self.audio_seconds.labels(*labels).inc(t.duration)
+        if t.processing_seconds > 0:  # silence is answered without running the model: no speed to report
+            self.queue_seconds.labels(*labels).observe(t.queue_seconds)
+            self.compute_seconds.labels(*labels).observe(t.processing_seconds)
+            self.rtfx.labels(*labels).observe(t.duration / t.processing_seconds)
+        if score is not None:
+            self.wer.labels(*labels).observe(score.wer)
+            self.cer.labels(*labels).observe(score.cer)
+            for unit, errors, length in (("word", score.word_errors, score.words), ("char", score.char_errors, score.chars)):
+                self.reference_errors.labels(*labels, unit).inc(errors)
+                self.reference_units.labels(*labels, unit).inc(length)
+
+
+class _LiveState(Collector):
+    def __init__(self, engine: WhisperEngine, scheduler: Scheduler):
+        self.engine = engine
+        self.scheduler = scheduler
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        windows = GaugeMetricFamily("whisper_queue_windows", "Windows (<= 30 s) waiting for a batch.", labels=["model"])
+        waiting = self.scheduler.waiting_windows()
+        for model in self.engine.sources:
+            windows.add_metric([model], waiting.get(model, 0))
+        yield windows
+        yield GaugeMetricFamily(
+            "whisper_queue_requests", "Requests admitted by the scheduler (waiting or running).", value=self.scheduler.admitted
+        )
+        weights = GaugeMetricFamily(
+            "whisper_model_weight_bytes", "Bytes of weights of each built variant.", labels=["model", "variant"]
+        )
+        for built in self.engine.variant_cache.built():
+            weights.add_metric([built.model_id, built.variant], built.weight_bytes)
+        yield weights
+        yield GaugeMetricFamily(
+            "whisper_variant_cache_bytes", "Memory the built variants add to the loaded float32 models "
+            "(what VARIANT_MEMORY_MB bounds).", value=self.engine.variant_cache.used_bytes(),
+        )
+        _, peak_mb = rss_mb()
+        yield GaugeMetricFamily(
+            "whisper_process_peak_resident_memory_bytes", "Peak resident memory of the process.", value=peak_mb * 2**20
+        )
+        if torch.cuda.is_available():
+            allocated = GaugeMetricFamily("whisper_cuda_memory_allocated_bytes", "CUDA memory held by tensors.", labels=["device"])
+            reserved = GaugeMetricFamily("whisper_cuda_memory_reserved_bytes", "CUDA memory reserved by PyTorch's caching "
+                                         "allocator.", labels=["device"])
+            for index in range(torch.cuda.device_count()):
+                allocated.add_metric([str(index)], torch.cuda.memory_allocated(index))
+                reserved.add_metric([str(index)], torch.cuda.memory_reserved(index))
+            yield allocated
+            yield reserved
+
+
+class RequestCounter:
+    """ASGI middleware: counts every audio request by status class, and times the successful ones.
+    It sits outside the upload-size limit and the error handlers, so refusals count too. The router
+    names the model and variant in `request.state.model_labels` once it has resolved them."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = AUDIO_ENDPOINTS.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # unless a response starts
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        except asyncio.CancelledError:  # the client went away: nginx's 499, a client-side outcome
+            status = 499
+            raise
+        finally:
+            model, variant = scope.get("state", {}).get("model_labels", (UNRESOLVED, UNRESOLVED))
+            self.metrics.requests.labels(model, variant, endpoint, status_class(status)).inc()
+            if status < 300:
+                self.metrics.request_seconds.labels(model, variant, endpoint).observe(time.perf_counter() - start)

@@ -100,6 +100,18 @@ class Scheduler:
     def queued_windows(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
+    def waiting_windows(self) -> dict[str, int]:
+        """Windows waiting for a batch, per model."""
+        per_model: dict[str, int] = defaultdict(int)
+        for (model_id, _, _), queue in list(self._queues.items()):
+            per_model[model_id] += len(queue)
+        return dict(per_model)
+
+    @property
+    def admitted(self) -> int:
+        """Requests admitted and not yet answered (waiting or running)."""
+        return self._admitted
+
     async def transcribe(self, model_id: str, variant: str, samples: np.ndarray, options: TranscriptionOptions) -> Transcript:
         if self._admitted >= self.config.max_queue:
             raise QueueFull(self._retry_after())

@@ -1,8 +1,12 @@
 """The stages of one transcription request, each a small step the router calls in order:
-resolve the model → read the upload → decode the audio → schedule (batch, run, reassemble). Errors of each
-stage become an `APIError` with the right status here, so routers stay thin."""
+resolve the model → read the upload → decode the audio → schedule (batch, run, reassemble) → score
+against the reference, if one came. Errors of each stage become an `APIError` with the right status
+here, so routers stay thin; each finished request is reported to the metrics."""
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 from fastapi import UploadFile
 from starlette.concurrency import run_in_threadpool
@@ -10,8 +14,10 @@ from starlette.concurrency import run_in_threadpool
 from app.audio import Audio, AudioError, AudioTooLong, UnsupportedAudio, decode_audio
 from app.errors import APIError
 from app.limits import UploadTooLarge
+from app.metrics import Metrics
 from app.scheduler import QueueFull, Scheduler
 from app.settings import Settings
+from optim.accuracy import Score, has_words, score
 from optim.engine import EngineError, Transcript, TranscriptionOptions, UnknownModel, WhisperEngine
 from optim.registry import recommended
 
@@ -19,10 +25,29 @@ from optim.registry import recommended
 OPENAI_ALIAS = "whisper-1"
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """A finished request: its transcript and how it went."""
+
+    transcript: Transcript
+    decode_seconds: float  # upload → 16 kHz samples
+    total_seconds: float  # from the parsed request to the scored transcript
+    score: Score | None  # against the request's reference, if it had one
+
+    @property
+    def rtfx(self) -> float | None:
+        """Audio seconds per compute second; None for audio answered without the model (silence)."""
+        t = self.transcript
+        return t.duration / t.processing_seconds if t.processing_seconds > 0 else None
+
+
 class TranscriptionService:
-    def __init__(self, engine: WhisperEngine, scheduler: Scheduler, settings: Settings, preload: list[str]):
+    def __init__(
+        self, engine: WhisperEngine, scheduler: Scheduler, metrics: Metrics, settings: Settings, preload: list[str]
+    ):
         self.engine = engine
         self.scheduler = scheduler
+        self.metrics = metrics
         self.settings = settings
         self.preload = preload
         if settings.default_model not in engine.sources:
@@ -94,14 +119,34 @@ class TranscriptionService:
             raise APIError(status, str(e), e.code, "file") from e
 
     async def transcribe(
-        self, file: UploadFile, model: str | None, options: TranscriptionOptions, variant: str | None = None
-    ) -> Transcript:
-        model_id, variant = self.resolve_model(model, variant)
+        self, file: UploadFile, model_id: str, variant: str, options: TranscriptionOptions, reference: str | None = None
+    ) -> Outcome:
+        """Transcribe for a model and variant from `resolve_model`."""
+        if reference is not None and not has_words(reference):
+            raise APIError(400, "reference has no words; leave the field out to transcribe without scoring",
+                           "invalid_value", "reference")
+        start = time.perf_counter()
+        in_flight = self.metrics.in_flight.labels(model_id, variant)
+        in_flight.inc()
         try:
             self.engine.check(model_id, variant, options)  # cheap option checks before any audio work
-            audio = await self.decode(await self.read_upload(file))
-            return await self.scheduler.transcribe(model_id, variant, audio.samples, options)
+            data = await self.read_upload(file)
+            decode_start = time.perf_counter()
+            try:
+                audio = await self.decode(data)
+            finally:  # timed whether or not the upload was audio
+                decode_seconds = time.perf_counter() - decode_start
+                self.metrics.decode_seconds.observe(decode_seconds)
+            transcript = await self.scheduler.transcribe(model_id, variant, audio.samples, options)
         except QueueFull as e:
             raise APIError(503, str(e), "server_overloaded", None, headers={"Retry-After": str(e.retry_after)}) from e
         except EngineError as e:
             raise APIError(404 if isinstance(e, UnknownModel) else 400, str(e), e.code, e.param) from e
+        finally:
+            in_flight.dec()
+        # A translation's text is English whatever the audio's language.
+        text_language = "en" if options.task == "translate" else transcript.language
+        scored = await run_in_threadpool(score, reference, transcript.text, text_language) if reference is not None else None
+        outcome = Outcome(transcript, decode_seconds, time.perf_counter() - start, scored)
+        self.metrics.observe_transcript(transcript, scored)
+        return outcome

@@ -111,7 +111,8 @@ class BuiltVariant:
     variant: str
     model: Whisper
     build_seconds: float
-    nbytes: int
+    nbytes: int  # what it adds to memory: weights shared with the float32 source are not counted
+    weight_bytes: int  # all its weights and buffers, shared or not
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -151,7 +152,7 @@ class VariantCache:
             start = time.perf_counter()
             model = build_variant(source, key[1])
             own_bytes = nbytes(model, shared_with=source)  # what this variant adds to memory
-            built = BuiltVariant(model_id, key[1], model, time.perf_counter() - start, own_bytes)
+            built = BuiltVariant(model_id, key[1], model, time.perf_counter() - start, own_bytes, nbytes(model))
             with self._lock:
                 self._built[key] = built
                 self._evict(keep=key)

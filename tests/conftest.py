@@ -88,12 +88,21 @@ class Server:
     def stop(self) -> None:
         stop(self.process)
 
+    def __enter__(self) -> "Server":
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
 
 @pytest.fixture(scope="session")
 def server():
-    srv = Server(MODELS="tiny.en,base", DEFAULT_MODEL="base", MAX_AUDIO_SECONDS="300").wait_ready()
-    yield srv
-    srv.stop()
+    with Server(MODELS="tiny.en,base", DEFAULT_MODEL="base", MAX_AUDIO_SECONDS="300") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="session")
