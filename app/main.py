@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         variants=settings.variants or None,
         variant_budget_bytes=int(settings.variant_memory_mb * 2**20),
         variant_idle_ttl=settings.variant_idle_ttl_s,
+        models_dir=settings.models_dir,
     )
     metrics = Metrics()
     scheduler = Scheduler(

@@ -68,6 +68,17 @@ class TranscriptionService:
             ids += [model_id, *(f"{model_id}:{v}" for v in self.engine.variants)]
         return [*ids, OPENAI_ALIAS]
 
+    def unavailable(self, name: str) -> str | None:
+        """Why a listed `model:variant` cannot serve yet (a distilled student not built), or None."""
+        model_id, _, variant = name.partition(":")
+        if not variant or model_id not in self.engine.sources:
+            return None
+        try:
+            self.engine.check_student(model_id, variant)
+        except EngineError as e:
+            return str(e)
+        return None
+
     @property
     def ready(self) -> bool:
         built = {(b.model_id, b.variant) for b in self.engine.variant_cache.built()}

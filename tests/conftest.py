@@ -100,8 +100,11 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server():
-    with Server(MODELS="tiny.en,base", DEFAULT_MODEL="base", MAX_AUDIO_SECONDS="300") as srv:
+def server(tmp_path_factory):
+    # An empty models folder: the tests see the bundled models only, whatever ./models holds
+    # (students built with `make students`, a user's checkpoints).
+    models_dir = tmp_path_factory.mktemp("models")
+    with Server(MODELS="tiny.en,base", DEFAULT_MODEL="base", MAX_AUDIO_SECONDS="300", MODELS_DIR=str(models_dir)) as srv:
         yield srv
 
 

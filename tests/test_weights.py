@@ -17,9 +17,10 @@ from optim.weights import (
     BUNDLED_MODELS,
     bundled_model_files,
     ctranslate2_folder,
-    hf_name_to_whisper,
+    hf_whisper_config,
     load_whisper,
     read_ctranslate2,
+    save_hf_folder,
     save_openai_checkpoint,
 )
 
@@ -100,23 +101,22 @@ def test_unknown_source_is_a_clear_error(tmp_path):
         load_whisper(tmp_path / "missing.pt")
 
 
+# the token ids of a transformers config, in this order in the checks below
+TOKEN_IDS = ("vocab_size", "decoder_start_token_id", "eos_token_id", "pad_token_id", "bos_token_id")
+
+
 def test_hugging_face_folder(tiny_model, clips, tmp_path):
-    """transformers' own Whisper, given tiny.en through our name mapping, computes the same
-    logits as openai-whisper (so the mapping is right), and its saved folder loads here."""
+    """`save_hf_folder` writes tiny.en as a transformers folder: transformers' own Whisper,
+    reading it, computes the same logits as openai-whisper (so the name mapping is right), its
+    config has openai/whisper-tiny.en's token ids, and the folder loads back here exactly."""
     import transformers
 
-    dims = tiny_model.dims
-    config = transformers.WhisperConfig(
-        vocab_size=dims.n_vocab, num_mel_bins=dims.n_mels, d_model=dims.n_audio_state,
-        encoder_layers=dims.n_audio_layer, encoder_attention_heads=dims.n_audio_head,
-        decoder_layers=dims.n_text_layer, decoder_attention_heads=dims.n_text_head,
-        encoder_ffn_dim=4 * dims.n_audio_state, decoder_ffn_dim=4 * dims.n_text_state,
-        max_source_positions=dims.n_audio_ctx, max_target_positions=dims.n_text_ctx,
-        decoder_start_token_id=50257, pad_token_id=50256, bos_token_id=50257, eos_token_id=50256,
-    )  # fmt: skip
-    hf_model = transformers.WhisperForConditionalGeneration(config).eval()
-    ours = tiny_model.state_dict()
-    hf_model.load_state_dict({name: ours[hf_name_to_whisper(name)] for name in hf_model.state_dict()}, strict=True)
+    folder = tmp_path / "hf-tiny.en"
+    save_hf_folder(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    # openai/whisper-tiny.en's config.json: start <|startoftranscript|>, end and padding <|endoftext|>
+    assert [config[k] for k in TOKEN_IDS] == [51864, 50257, 50256, 50256, 50257]
+    hf_model = transformers.WhisperForConditionalGeneration.from_pretrained(folder).eval()
 
     mel = _mel(decode_audio(clips["jfk"].data).samples)[None]
     tokens = torch.tensor([[50257, 50362, 843, 523]])  # <|startoftranscript|><|notimestamps|> And so
@@ -126,11 +126,15 @@ def test_hugging_face_folder(tiny_model, clips, tmp_path):
     # two implementations of the same float32 math: torch's float32 tolerance (measured: identical)
     torch.testing.assert_close(theirs, expected)
 
-    folder = tmp_path / "hf-tiny.en"
-    hf_model.save_pretrained(folder)
-    heads = tiny_model.alignment_heads.to_dense().nonzero().tolist()
-    (folder / "generation_config.json").write_text(json.dumps({"alignment_heads": heads}))
     loaded = load_whisper(folder)
     with torch.inference_mode():
         assert torch.equal(loaded.logits(tokens, loaded.embed_audio(mel)), expected)
     assert torch.equal(loaded.alignment_heads.to_dense(), tiny_model.alignment_heads.to_dense())
+
+
+def test_hugging_face_config_multilingual(base_model):
+    """A multilingual model's config has openai/whisper-base's token ids (one place further on)."""
+    pytest.importorskip("transformers")
+    config = hf_whisper_config(base_model)
+    assert [getattr(config, k) for k in TOKEN_IDS] == [51865, 50258, 50257, 50257, 50257]
+    assert (config.encoder_layers, config.decoder_layers, config.d_model, config.encoder_ffn_dim) == (6, 6, 512, 2048)

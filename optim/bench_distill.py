@@ -1,0 +1,126 @@
+"""`python -m optim.bench_distill`: distilled students against their teachers, in one run.
+
+Per teacher (a student must exist: `python -m optim.distill --teacher T`) and variant (the
+teacher's and the student's, alone and with flash / int8+flash): WER and RTFx on en_read through
+the service's engine and scheduler (batched, dynamic context: the service's defaults), and the
+decoder's time per token (batch of one, 30-s encoder context, 100 greedy steps after a warm-up),
+with the student's training time and data from its checkpoint. Writes benchmarks/distill.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import torch
+from jiwer import wer
+
+from optim.bench import machine_info
+from optim.bench_context import CONFIGS, load_set, normalize, run
+from optim.decoding import KVCache, decoder_hidden, encode, logits
+from optim.distill import EVAL_DIR
+from optim.engine import WhisperEngine
+from optim.registry import build_variant
+from optim.student import load_student, student_path
+
+VARIANTS = ("fp32", "flash", "int8+flash", "distilled", "distilled+flash", "distilled+int8+flash")
+STEPS = 100
+
+
+def decoder_seconds_per_token(model, steps: int = STEPS) -> float:
+    """Greedy steps of the decoder alone (the encoder output is computed before the clock starts)."""
+    with torch.inference_mode():
+        audio = encode(model, torch.zeros(1, model.dims.n_mels, 3000))
+        token = torch.tensor([[50257]])
+        for timed in (False, True):  # a warm-up pass, then the measured one
+            cache = KVCache(model, 1, steps + 1, audio)
+            start = time.perf_counter()
+            x = token
+            for _ in range(steps):
+                hidden = decoder_hidden(model, x, cache, torch.ones(1, dtype=torch.long))
+                x = logits(model, hidden[:, -1:]).argmax(-1)
+            if timed:
+                return (time.perf_counter() - start) / steps
+    raise AssertionError("unreachable")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m optim.bench_distill", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teachers", default="tiny.en,base")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument("--eval-dir", type=Path, default=EVAL_DIR)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks"))
+    args = parser.parse_args(argv)
+
+    clips = load_set("en_read", args.eval_dir)
+    refs = [normalize(ref) for ref, _, _ in clips]
+    seconds = sum(len(a) for _, a, _ in clips) / 16_000
+    rows, students = [], {}
+    for teacher in args.teachers.split(","):
+        path = student_path(args.models_dir, teacher)
+        if not path.is_file():
+            raise SystemExit(f"no student of {teacher} at {path}: python -m optim.distill --teacher {teacher}")
+        students[teacher] = {k: v for k, v in load_student(path)[1].items() if k in ("layers", "teacher_layers", "data", "training", "total_seconds", "config")}
+        students[teacher]["training"]["history"] = [  # the curve, without per-epoch timing
+            {k: v for k, v in h.items() if k in ("epoch", "loss", "val_loss")} for h in students[teacher]["training"]["history"]
+        ]
+        engine = WhisperEngine({teacher: teacher}, models_dir=args.models_dir)
+        engine.load(teacher)
+        try:
+            for variant in args.variants.split(","):
+                torch.manual_seed(0)  # temperature-fallback sampling
+                texts, took = asyncio.run(run(engine, teacher, variant, CONFIGS["batched+dynamic"], clips))
+                model = build_variant(engine.source(teacher, variant), variant)
+                row = {
+                    "model": teacher,
+                    "variant": variant,
+                    "wer": round(100 * wer(refs, [normalize(t) or "<empty>" for t in texts]), 2),
+                    "rtfx": round(seconds / took, 2),
+                    "decoder_ms_per_token": round(1000 * decoder_seconds_per_token(model), 2),
+                    "decoder_layers": model.dims.n_text_layer,
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        finally:
+            engine.close()
+    result = {"machine": machine_info(), "set": {"name": "en_read", "clips": len(clips), "audio_seconds": round(seconds, 1)},
+              "rows": rows, "students": students}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "distill.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "distill.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Distilled students against their teachers",
+        "",
+        f"Machine: {result['machine']['cpu']}. en_read: {result['set']['clips']} clips, {result['set']['audio_seconds']} s; "
+        "batched with the dynamic audio context (the service's defaults), greedy with temperature fallback, "
+        "WER after Whisper's English normalizer. Decoder time: batch of one, 30-s context, 100 greedy steps.",
+        "",
+        "| model | variant | decoder layers | WER % | RTFx | decoder ms/token | RTFx vs fp32 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        base = next(x for x in result["rows"] if x["model"] == r["model"] and x["variant"] == "fp32")
+        lines.append(f"| {r['model']} | {r['variant']} | {r['decoder_layers']} | {r['wer']} | {r['rtfx']} | "
+                     f"{r['decoder_ms_per_token']} | {r['rtfx'] / base['rtfx']:.2f}× |")
+    lines += ["", "| student | layers kept | training audio (kept / cut) | windows (train / validation) | labelling + encoding | training | best epoch | validation loss (epoch 1 → best) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for teacher, s in result["students"].items():
+        d, t = s["data"], s["training"]
+        history = t["history"]
+        lines.append(f"| {teacher} | {s['layers']} of {s['teacher_layers']} | {d['audio_seconds_kept'] / 60:.1f} / {d['audio_seconds'] / 60:.1f} min | "
+                     f"{d['train_windows']} / {d['validation_windows']} | {d['label_seconds'] + d['encode_seconds']:.0f} s | "
+                     f"{t['train_seconds']:.0f} s | {t['best_epoch']} of {s['config']['epochs']} | {history[0]['val_loss']} → {t['best_val_loss']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
