@@ -45,12 +45,12 @@ CLIPS = _load_clips()
 ENGLISH_READ = [c for c in CLIPS.values() if (c.id == "jfk" or c.id.startswith("lj-")) and c.duration < 30]
 LONG_FORM = [c for c in CLIPS.values() if c.duration > 30]  # several windows each
 
-_normalize = EnglishTextNormalizer()
+normalize = EnglishTextNormalizer()
 
 
 def english_wer(references: list[str], hypotheses: list[str]) -> float:
     """Corpus WER after Whisper's English normalizer (as the Whisper paper computes it)."""
-    return wer([_normalize(r) for r in references], [_normalize(h) or "<empty>" for h in hypotheses])
+    return wer([normalize(r) for r in references], [normalize(h) or "<empty>" for h in hypotheses])
 
 
 @pytest.fixture(scope="session")

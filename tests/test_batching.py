@@ -22,7 +22,7 @@ from optim.decoding import BatchStats, audio_context
 from optim.engine import TranscriptionOptions, WhisperEngine, Window
 from optim.registry import all_variants
 from optim.windows import SAMPLE_RATE, split_at_pauses
-from tests.conftest import ENGLISH_READ, LONG_FORM, Server, _normalize, english_wer
+from tests.conftest import ENGLISH_READ, LONG_FORM, Server, english_wer, normalize
 
 ENGLISH = TranscriptionOptions(language="en")
 
@@ -72,7 +72,7 @@ def test_batched_equals_unbatched(engine, read_audio, variant):
     if "int8" in variant:
         assert english_wer([t.text for t in alone], [t.text for t in together]) <= 0.02
     else:
-        assert [_normalize(t.text) for t in together] == [_normalize(t.text) for t in alone]
+        assert [normalize(t.text) for t in together] == [normalize(t.text) for t in alone]
     assert english_wer([c.text for c in ENGLISH_READ], [t.text for t in together]) < 0.10
 
 
