@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     models_dir: Path = Field(
         Path("models"),
         description="Folder scanned for extra models (NAME.pt checkpoints, CTranslate2 or Hugging Face folders); "
-        "served, loaded on first use.",
+        "served, loaded on first use. distilled/<model>.pt is <model>'s student, served as <model>:distilled.",
     )
     default_variant: str = Field(
         "auto",
