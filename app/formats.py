@@ -51,8 +51,8 @@ def performance(o: Outcome) -> dict[str, Any]:
     return body
 
 
-def performance_headers(o: Outcome) -> dict[str, str]:
-    p = performance(o)
+def performance_headers(p: dict[str, Any]) -> dict[str, str]:
+    """`performance()`'s figures as response headers."""
     headers = {
         "X-Model": f"{p['model']}:{p['variant']}",
         "X-Audio-Seconds": str(p["audio_seconds"]),

@@ -21,13 +21,13 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from optim.accuracy import Score
 from optim.decoding import BatchStats
 from optim.memory import rss_mb
 
 if TYPE_CHECKING:
     from app.scheduler import Scheduler
-    from optim.engine import Transcript, WhisperEngine
+    from app.service import Outcome
+    from optim.engine import WhisperEngine
 
 UNRESOLVED = "none"  # model/variant label of a request refused before its model was known
 AUDIO_ENDPOINTS = {"/v1/audio/transcriptions": "transcriptions", "/v1/audio/translations": "translations"}
@@ -147,13 +147,14 @@ class Metrics:
         self.padding_ratio.labels(model, variant, "decoder").observe(stats.decoder_padding)
         self.batch_seconds.labels(model, variant).observe(seconds)
 
-    def observe_transcript(self, t: Transcript, score: Score | None) -> None:
+    def observe_transcript(self, outcome: Outcome) -> None:
+        t, score = outcome.transcript, outcome.score
         labels = (t.model, t.variant)
         self.audio_seconds.labels(*labels).inc(t.duration)
         if t.processing_seconds > 0:  # silence is answered without running the model: no speed to report
             self.queue_seconds.labels(*labels).observe(t.queue_seconds)
             self.compute_seconds.labels(*labels).observe(t.processing_seconds)
-            self.rtfx.labels(*labels).observe(t.duration / t.processing_seconds)
+            self.rtfx.labels(*labels).observe(outcome.rtfx)
         if score is not None:
             self.wer.labels(*labels).observe(score.wer)
             self.cer.labels(*labels).observe(score.cer)

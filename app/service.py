@@ -159,5 +159,5 @@ class TranscriptionService:
         text_language = "en" if options.task == "translate" else transcript.language
         scored = await run_in_threadpool(score, reference, transcript.text, text_language) if reference is not None else None
         outcome = Outcome(transcript, decode_seconds, time.perf_counter() - start, scored)
-        self.metrics.observe_transcript(transcript, scored)
+        self.metrics.observe_transcript(outcome)
         return outcome

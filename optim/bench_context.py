@@ -57,6 +57,19 @@ async def run(engine: WhisperEngine, model: str, variant: str, config: Scheduler
         await scheduler.close()
 
 
+def measure(engine: WhisperEngine, model: str, variant: str, config: SchedulerConfig, clips) -> dict[str, float]:
+    """WER % (after Whisper's English normalizer) and RTFx of one model:variant on a set's clips,
+    all submitted at once, the fallback sampling seeded."""
+    torch.manual_seed(0)  # temperature fallback samples
+    texts, seconds = asyncio.run(run(engine, model, variant, config, clips))
+    refs = [normalize(ref) for ref, _, _ in clips]
+    audio_seconds = sum(len(a) for _, a, _ in clips) / 16_000
+    return {
+        "wer": round(100 * wer(refs, [normalize(t) or "<empty>" for t in texts]), 2),
+        "rtfx": round(audio_seconds / seconds, 2),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default="base:flash,base:int8+flash,tiny.en:flash", help="model:variant pairs")
@@ -73,9 +86,6 @@ def main(argv: list[str] | None = None) -> None:
         for set_name, clips in sets.items():
             audio_seconds = sum(len(a) for _, a, _ in clips) / 16_000
             for config_name, config in CONFIGS.items():
-                torch.manual_seed(0)  # temperature fallback samples
-                texts, seconds = asyncio.run(run(engine, model, variant, config, clips))
-                refs = [normalize(ref) for ref, _, _ in clips]
                 row = {
                     "model": model,
                     "variant": variant,
@@ -83,8 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                     "config": config_name,
                     "clips": len(clips),
                     "audio_seconds": round(audio_seconds, 1),
-                    "wer": round(100 * wer(refs, [normalize(t) or "<empty>" for t in texts]), 2),
-                    "rtfx": round(audio_seconds / seconds, 2),
+                    **measure(engine, model, variant, config, clips),
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -10,16 +10,14 @@ with the student's training time and data from its checkpoint. Writes benchmarks
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import time
 from pathlib import Path
 
 import torch
-from jiwer import wer
 
 from optim.bench import machine_info
-from optim.bench_context import CONFIGS, load_set, normalize, run
+from optim.bench_context import CONFIGS, load_set, measure
 from optim.decoding import KVCache, decoder_hidden, encode, logits
 from optim.distill import EVAL_DIR
 from optim.engine import WhisperEngine
@@ -57,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     clips = load_set("en_read", args.eval_dir)
-    refs = [normalize(ref) for ref, _, _ in clips]
     seconds = sum(len(a) for _, a, _ in clips) / 16_000
     rows, students = [], {}
     for teacher in args.teachers.split(","):
@@ -72,14 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         engine.load(teacher)
         try:
             for variant in args.variants.split(","):
-                torch.manual_seed(0)  # temperature-fallback sampling
-                texts, took = asyncio.run(run(engine, teacher, variant, CONFIGS["batched+dynamic"], clips))
+                figures = measure(engine, teacher, variant, CONFIGS["batched+dynamic"], clips)
                 model = build_variant(engine.source(teacher, variant), variant)
                 row = {
                     "model": teacher,
                     "variant": variant,
-                    "wer": round(100 * wer(refs, [normalize(t) or "<empty>" for t in texts]), 2),
-                    "rtfx": round(seconds / took, 2),
+                    **figures,
                     "decoder_ms_per_token": round(1000 * decoder_seconds_per_token(model), 2),
                     "decoder_layers": model.dims.n_text_layer,
                 }

@@ -21,7 +21,6 @@ student to MODELS_DIR/distilled/<teacher>.pt, where the service serves it as `<t
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import json
 import math
@@ -34,7 +33,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import whisper
-from jiwer import wer
 from torch import Tensor
 from tqdm import tqdm
 from whisper.audio import HOP_LENGTH, N_SAMPLES
@@ -320,20 +318,15 @@ def train(teacher: Whisper, examples: list[Example], validation: list[Example], 
 # ------------------------------------------------------------------------------ evaluation
 def evaluate_wer(teacher_id: str, models_dir: Path, eval_dir: Path, variant: str = "flash") -> dict:
     """Teacher and student on `eval_dir`'s en_read through the service's engine and scheduler."""
-    from optim.bench_context import CONFIGS, load_set, normalize, run
+    from optim.bench_context import CONFIGS, load_set, measure
     from optim.engine import WhisperEngine
 
     clips = load_set("en_read", eval_dir)
-    refs = [normalize(ref) for ref, _, _ in clips]
     seconds = sum(len(a) for _, a, _ in clips) / 16_000
     engine = WhisperEngine({teacher_id: teacher_id}, models_dir=models_dir)
     engine.load(teacher_id)
-    results = {}
     try:
-        for name in (variant, f"distilled+{variant}"):
-            torch.manual_seed(0)
-            texts, took = asyncio.run(run(engine, teacher_id, name, CONFIGS["batched+dynamic"], clips))
-            results[name] = {"wer": round(100 * wer(refs, [normalize(t) or "<empty>" for t in texts]), 2), "rtfx": round(seconds / took, 2)}
+        results = {name: measure(engine, teacher_id, name, CONFIGS["batched+dynamic"], clips) for name in (variant, f"distilled+{variant}")}
     finally:
         engine.close()
     return {"set": "en_read", "clips": len(clips), "audio_seconds": round(seconds, 1), **results}

@@ -262,7 +262,7 @@ class WhisperEngine:
         return path if path is not None and path.is_file() else None
 
     def check_student(self, model_id: str, variant: str) -> None:
-        if is_distilled(variant) and self.student_file(model_id) is None:
+        if is_distilled(variant) and model_id not in self._students and self.student_file(model_id) is None:
             where = student_path(self.models_dir or Path("models"), model_id)
             raise VariantUnavailable(
                 f"variant {variant!r} needs a distilled student of {model_id!r} at {where}, and there is none; "

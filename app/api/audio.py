@@ -20,11 +20,12 @@ Granularity = Literal["segment", "word"]
 
 
 def render(o: Outcome, response_format: ResponseFormat, granularities: list[Granularity]) -> Response:
-    t, headers = o.transcript, formats.performance_headers(o)
+    t, figures = o.transcript, formats.performance(o)
+    headers = formats.performance_headers(figures)
     if response_format is ResponseFormat.json:
         return JSONResponse(formats.as_json(t), headers=headers)
     if response_format is ResponseFormat.verbose_json:
-        body = formats.as_verbose_json(t, words="word" in granularities, metrics=formats.performance(o))
+        body = formats.as_verbose_json(t, words="word" in granularities, metrics=figures)
         return JSONResponse(body, headers=headers)
     text = {ResponseFormat.text: formats.as_text, ResponseFormat.srt: formats.as_srt, ResponseFormat.vtt: formats.as_vtt}
     media = "text/vtt" if response_format is ResponseFormat.vtt else "text/plain"
