@@ -1,21 +1,21 @@
-"""Shared objects, handed to routers through FastAPI dependencies."""
+"""Shared objects, handed to routers through FastAPI dependencies (set on app.state by create_app)."""
 
 from __future__ import annotations
 
 from fastapi import Request
 
+from app.metrics import Metrics
 from app.service import TranscriptionService
-from app.settings import Settings
-from optim.engine import WhisperEngine
-
-
-def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
-
-
-def get_engine(request: Request) -> WhisperEngine:
-    return request.app.state.engine
+from optim.models import ModelStore
 
 
 def get_service(request: Request) -> TranscriptionService:
     return request.app.state.service
+
+
+def get_models(request: Request) -> ModelStore:
+    return request.app.state.service.models
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics

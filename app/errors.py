@@ -1,5 +1,7 @@
-"""Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}, always a 4xx/5xx
-with a clear message, never a bare 500 for bad input."""
+"""Errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and the one table
+from an error's kind to its HTTP status. Every error the library or the shell raises for a
+request is a `ServiceError` (optim/errors.py) with a kind; only this module knows statuses.
+Bad input always gets a 4xx with a clear message, never a bare 500."""
 
 from __future__ import annotations
 
@@ -10,46 +12,54 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from optim.errors import InvalidRequest, Kind, ServiceError
+
 log = logging.getLogger(__name__)
+
+STATUS: dict[Kind, int] = {
+    Kind.INVALID: 400,
+    Kind.NOT_FOUND: 404,
+    Kind.TOO_LARGE: 413,
+    Kind.UNSUPPORTED_MEDIA: 415,
+    Kind.OVERLOADED: 503,
+    Kind.NOT_READY: 503,
+}
+# Statuses that no error kind stands for: an unexpected failure, and (in the request counter's
+# figures only, as nginx logs it) a client that closed the connection before its answer.
+INTERNAL_ERROR = 500
+CLIENT_CLOSED = 499
 
 
 class APIError(StarletteHTTPException):
-    """An error the API reports to the client. Subclassing HTTPException lets FastAPI pass it
-    through its own body parsing untouched (an upload cut off for size, say)."""
+    """A `ServiceError` on its way to the client. Subclassing HTTPException lets it pass through
+    FastAPI's own body parsing untouched (an upload cut off for size, say)."""
 
-    def __init__(
-        self,
-        status_code: int,
-        message: str,
-        code: str | None = None,
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(status_code=status_code, detail=message, headers=headers)
-        self.message = message
-        self.code = code
-        self.param = param
-
-    @property
-    def type(self) -> str:
-        return "server_error" if self.status_code >= 500 else "invalid_request_error"
+    def __init__(self, error: ServiceError):
+        headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+        super().__init__(status_code=STATUS[error.kind], detail=error.message, headers=headers)
+        self.error = error
 
 
-def error_response(error: APIError) -> JSONResponse:
-    body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
-    return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+def error_body(status: int, message: str, code: str | None, param: str | None = None) -> dict:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
+def error_response(error: ServiceError) -> JSONResponse:
+    api = APIError(error)
+    return JSONResponse(error_body(api.status_code, error.message, error.code, error.param), api.status_code, api.headers)
+
+
+def _validation_error(exc: RequestValidationError) -> ServiceError:
     first = exc.errors()[0]
     location = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
     param = ".".join(location) or None
-    return APIError(400, f"invalid value for {param or 'request'}: {first.get('msg')}", "invalid_value", param)
+    return InvalidRequest(f"invalid value for {param or 'request'}: {first.get('msg')}", param)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -59,10 +69,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, APIError):
+            return error_response(exc.error)
+        # Starlette's own: no such route, method not allowed
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(APIError(exc.status_code, str(exc.detail), code, headers=exc.headers))
+        return JSONResponse(error_body(exc.status_code, str(exc.detail), code), exc.status_code, exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return error_response(APIError(500, "internal error; the server logged the details", "internal_error"))
+        body = error_body(INTERNAL_ERROR, "internal error; the server logged the details", "internal_error")
+        return JSONResponse(body, INTERNAL_ERROR)

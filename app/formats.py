@@ -1,16 +1,18 @@
-"""Render a `Transcript` in the response formats of OpenAI's Audio API, and a request's
-performance figures as verbose_json's `metrics` object and as `X-...` headers (for every format)."""
+"""Render a finished request in the response formats of OpenAI's Audio API, and its performance
+figures as verbose_json's `metrics` object and as `X-...` headers (for every format).
+
+Adding a format: a `ResponseFormat` member and its entry in `RENDERERS` (at the end)."""
 
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any
+from typing import Any, Callable
 
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from whisper.tokenizer import LANGUAGES
 from whisper.utils import format_timestamp
 
-from app.service import Outcome
-from optim.engine import Segment, Transcript
+from optim.types import Outcome, Segment, Transcript
 
 
 class ResponseFormat(str, Enum):
@@ -33,18 +35,18 @@ def performance(o: Outcome) -> dict[str, Any]:
     """How the request went: where its time went, the batches it shared, and its accuracy when it
     came with a reference. RTFx is audio seconds per compute second (None for silence, which needs
     no model)."""
-    t = o.transcript
+    t, timing = o.transcript, o.timing
     body: dict[str, Any] = {
         "model": t.model,
         "variant": t.variant,
         "audio_seconds": round(t.duration, 3),
         "decode_seconds": round(o.decode_seconds, 4),
-        "queue_seconds": round(t.queue_seconds, 4),
-        "compute_seconds": round(t.processing_seconds, 4),
+        "queue_seconds": round(timing.queue_seconds, 4),
+        "compute_seconds": round(timing.compute_seconds, 4),
         "total_seconds": round(o.total_seconds, 4),
         "rtfx": None if o.rtfx is None else round(o.rtfx, 2),
-        "batch_size": round(t.batch_size, 2),
-        "padding_ratio": {"encoder": round(t.encoder_padding, 4), "decoder": round(t.decoder_padding, 4)},
+        "batch_size": round(timing.batch_size, 2),
+        "padding_ratio": {"encoder": round(timing.encoder_padding, 4), "decoder": round(timing.decoder_padding, 4)},
     }
     if o.score is not None:
         body |= {"wer": round(o.score.wer, 4), "cer": round(o.score.cer, 4)}
@@ -115,3 +117,22 @@ def as_vtt(t: Transcript) -> str:
 
 def as_text(t: Transcript) -> str:
     return t.text + "\n" if t.text else ""
+
+
+# format → (media type, body from the outcome and whether word timestamps were asked)
+RENDERERS: dict[ResponseFormat, tuple[str, Callable[[Outcome, bool], Any]]] = {
+    ResponseFormat.json: ("application/json", lambda o, words: as_json(o.transcript)),
+    ResponseFormat.verbose_json: ("application/json", lambda o, words: as_verbose_json(o.transcript, words, performance(o))),
+    ResponseFormat.text: ("text/plain", lambda o, words: as_text(o.transcript)),
+    ResponseFormat.srt: ("text/plain", lambda o, words: as_srt(o.transcript)),
+    ResponseFormat.vtt: ("text/vtt", lambda o, words: as_vtt(o.transcript)),
+}
+
+
+def render(o: Outcome, response_format: ResponseFormat, words: bool) -> Response:
+    """The response for a finished request: its body in `response_format`, its figures as headers."""
+    media_type, body = RENDERERS[response_format]
+    headers = performance_headers(performance(o))
+    if media_type == "application/json":
+        return JSONResponse(body(o, words), headers=headers)
+    return PlainTextResponse(body(o, words), media_type=media_type, headers=headers)

@@ -5,16 +5,15 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import APIError, error_response
+from optim.errors import Kind, ServiceError
 
 
-class UploadTooLarge(APIError):
+class UploadTooLarge(ServiceError):
+    kind = Kind.TOO_LARGE
+    code = "file_too_large"
+
     def __init__(self, limit: int):
-        super().__init__(
-            413,
-            f"the upload is larger than the limit of {limit / 2**20:g} MiB (setting MAX_UPLOAD_MB)",
-            "file_too_large",
-            "file",
-        )
+        super().__init__(f"the upload is larger than the limit of {limit / 2**20:g} MiB (setting MAX_UPLOAD_MB)", "file")
 
 
 class UploadSizeLimit:
@@ -44,7 +43,7 @@ class UploadSizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise UploadTooLarge(self.max_bytes)
+                    raise APIError(UploadTooLarge(self.max_bytes))  # an HTTPException: FastAPI's parser lets it through
             return message
 
         await self.app(scope, counting_receive, send)

@@ -1,4 +1,5 @@
-"""The application factory: settings → engine → service → routers, and model loading at start."""
+"""The application factory: settings → model store → engine → scheduler → service → routers,
+and model loading at start-up."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from starlette.formparsers import MultiPartParser
 
 from app.api import audio, health, models
@@ -15,44 +17,46 @@ from app.api import metrics as metrics_api
 from app.errors import install_error_handlers
 from app.limits import UploadSizeLimit
 from app.metrics import Metrics, RequestCounter
-from app.scheduler import Scheduler, SchedulerConfig
 from app.service import TranscriptionService
 from app.settings import Settings
 from optim.engine import WhisperEngine
+from optim.models import ModelStore
+from optim.scheduler import Scheduler, SchedulerConfig
 from optim.weights import resolve_model_sources
 
 log = logging.getLogger("app")
-
-
-def _load_models(service: TranscriptionService) -> None:
-    for model_id in service.preload:
-        try:
-            service.engine.load(model_id)
-        except Exception:
-            log.exception("could not load model %s", model_id)
-    for model_id, variant in service.preload_variants:
-        try:
-            service.engine.preload_variant(model_id, variant)
-        except Exception as e:
-            service.engine.load_errors[f"{model_id}:{variant}"] = f"{type(e).__name__}: {e}"
-            log.exception("could not build variant %s:%s", model_id, variant)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    sources, preload = resolve_model_sources(settings.models, settings.models_dir)
-    engine = WhisperEngine(
+    sources, startup = resolve_model_sources(settings.models, settings.models_dir)
+    store = ModelStore(
         sources,
         device=settings.device,
-        silence_peak=settings.silence_peak,
         variants=settings.variants or None,
         variant_budget_bytes=int(settings.variant_memory_mb * 2**20),
         variant_idle_ttl=settings.variant_idle_ttl_s,
         models_dir=settings.models_dir,
+        default_variant=settings.default_variant,
+        startup=startup,
+        startup_variants=settings.preload_variants,
     )
-    metrics = Metrics()
+    engine = WhisperEngine(store, silence_peak=settings.silence_peak)
+
+    app = FastAPI(
+        title="whisper-serve",
+        summary="OpenAI-compatible Whisper transcription service",
+        version="0.1.0",
+    )
+    routers = (health.router, models.router, audio.router, metrics_api.router)
+    for router in routers:
+        app.include_router(router)
+    # Every route tagged as counted is counted by the request counter, under its route name.
+    counted = {r.path: r.name for router in routers for r in router.routes if isinstance(r, APIRoute) and audio.COUNTED in r.tags}
+
+    metrics = Metrics(endpoints=list(counted.values()))
     scheduler = Scheduler(
         engine,
         SchedulerConfig(
@@ -65,34 +69,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ),
         on_batch=metrics.observe_batch,
     )
-    service = TranscriptionService(engine, scheduler, metrics, settings, preload)  # checks the defaults are served
-    metrics.watch(engine, scheduler)
-    metrics.initialize([(m, service.default_variant) for m in engine.sources] + service.preload_variants)
+    service = TranscriptionService(engine, scheduler, metrics, settings)  # checks the default model is served
+    metrics.watch(store, scheduler)
+    metrics.initialize([store.ref(m, check_ready=False) for m in store.sources] + store.startup_variants)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # Load in the background: /health answers at once, /ready turns 200 when done.
-        loading = asyncio.create_task(asyncio.to_thread(_load_models, service))
+        loading = asyncio.create_task(asyncio.to_thread(store.load_startup))
         yield
         loading.cancel()
         await scheduler.close()
         engine.close()
 
-    app = FastAPI(
-        title="whisper-serve",
-        summary="OpenAI-compatible Whisper transcription service",
-        version="0.1.0",
-        lifespan=lifespan,
-    )
-    app.state.settings = settings
-    app.state.engine = engine
+    app.router.lifespan_context = lifespan
     app.state.service = service
     app.state.metrics = metrics
     install_error_handlers(app)
     app.add_middleware(UploadSizeLimit, max_bytes=settings.max_upload_bytes)
-    app.add_middleware(RequestCounter, metrics=metrics)  # added last: outermost, so it sees the size limit's 413s
+    # added last: outermost, so it sees the size limit's 413s
+    app.add_middleware(RequestCounter, metrics=metrics, routes=counted)
     # Keep uploads in memory up to the size limit (Starlette spools to a temp file past 1 MiB).
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_upload_bytes)
-    for router in (health.router, models.router, audio.router, metrics_api.router):
-        app.include_router(router)
     return app

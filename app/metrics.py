@@ -4,16 +4,16 @@ Label sets are bounded: `model` and `variant` are served names (or "none" for a 
 before its model was known), `endpoint`, `status` (a class: 2xx, 4xx, 5xx), `stage` and `unit`
 are fixed sets. Nothing is labelled per request.
 
-Three sources feed it: the HTTP middleware (`RequestCounter`: every audio request, whatever its
-fate), the service (one `observe_request` per finished transcription) and the scheduler
-(`observe_batch`). Gauges of live state (queue, memory, weights) are read at scrape time.
+Three sources feed it: the HTTP middleware (`RequestCounter`: every request to a counted
+endpoint, whatever its fate), the service (one `observe` per finished transcription) and the
+scheduler (`observe_batch`). Gauges of live state (queue, memory, weights) are read at scrape time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics
@@ -21,16 +21,14 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.errors import CLIENT_CLOSED, INTERNAL_ERROR
 from optim.decoding import BatchStats
 from optim.memory import rss_mb
-
-if TYPE_CHECKING:
-    from app.scheduler import Scheduler
-    from app.service import Outcome
-    from optim.engine import WhisperEngine
+from optim.models import ModelStore
+from optim.scheduler import Scheduler
+from optim.types import ModelRef, Outcome
 
 UNRESOLVED = "none"  # model/variant label of a request refused before its model was known
-AUDIO_ENDPOINTS = {"/v1/audio/transcriptions": "transcriptions", "/v1/audio/translations": "translations"}
 
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
 DECODE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -48,7 +46,9 @@ def status_class(status: int) -> str:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, endpoints: list[str]) -> None:
+        """`endpoints`: the `endpoint` label's values (the counted routes' names)."""
+        self.endpoints = list(endpoints)
         self.registry = r = CollectorRegistry()
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
         model_variant = ["model", "variant"]
@@ -113,13 +113,13 @@ class Metrics:
             [*model_variant, "unit"], registry=r,
         )
 
-    def initialize(self, pairs: list[tuple[str, str]]) -> None:
+    def initialize(self, refs: list[ModelRef]) -> None:
         """Create every series of these (model, variant) pairs at zero. A series that first appears
         already at 1 loses that first increment to rate() and increase() (Prometheus sees no change),
         which would drop the first request from throughput, corpus WER and request counts. Only the
         pairs expected to serve (each model's default variant, the preloaded ones): all of them
         would fill every panel with flat lines for variants nobody uses."""
-        endpoints, statuses = AUDIO_ENDPOINTS.values(), ("2xx", "4xx", "5xx")
+        endpoints, statuses = self.endpoints, ("2xx", "4xx", "5xx")
         other_labels = {  # the values of each metric's labels after model and variant
             self.requests: [(e, s) for e in endpoints for s in statuses],
             self.request_seconds: [(e,) for e in endpoints],
@@ -132,28 +132,30 @@ class Metrics:
             self.audio_seconds, self.rtfx, self.batch_size, self.padding_ratio, self.batch_seconds,
             self.wer, self.cer, self.reference_errors, self.reference_units,
         )
-        for model, variant in pairs:
+        for ref in refs:
             for metric in per_variant:
                 for rest in other_labels.get(metric, [()]):
-                    metric.labels(model, variant, *rest)
+                    metric.labels(ref.model, str(ref.variant), *rest)
 
-    def watch(self, engine: WhisperEngine, scheduler: Scheduler) -> None:
+    def watch(self, models: ModelStore, scheduler: Scheduler) -> None:
         """Export the live state of these at every scrape (queue, memory, weights)."""
-        self.registry.register(_LiveState(engine, scheduler))
+        self.registry.register(_LiveState(models, scheduler))
 
-    def observe_batch(self, model: str, variant: str, stats: BatchStats, seconds: float) -> None:
-        self.batch_size.labels(model, variant).observe(stats.batch_size)
-        self.padding_ratio.labels(model, variant, "encoder").observe(stats.encoder_padding)
-        self.padding_ratio.labels(model, variant, "decoder").observe(stats.decoder_padding)
-        self.batch_seconds.labels(model, variant).observe(seconds)
+    def observe_batch(self, ref: ModelRef, stats: BatchStats, seconds: float) -> None:
+        labels = (ref.model, str(ref.variant))
+        self.batch_size.labels(*labels).observe(stats.batch_size)
+        self.padding_ratio.labels(*labels, "encoder").observe(stats.encoder_padding)
+        self.padding_ratio.labels(*labels, "decoder").observe(stats.decoder_padding)
+        self.batch_seconds.labels(*labels).observe(seconds)
 
-    def observe_transcript(self, outcome: Outcome) -> None:
-        t, score = outcome.transcript, outcome.score
+    def observe(self, outcome: Outcome) -> None:
+        """One finished transcription."""
+        t, timing, score = outcome.transcript, outcome.timing, outcome.score
         labels = (t.model, t.variant)
         self.audio_seconds.labels(*labels).inc(t.duration)
-        if t.processing_seconds > 0:  # silence is answered without running the model: no speed to report
-            self.queue_seconds.labels(*labels).observe(t.queue_seconds)
-            self.compute_seconds.labels(*labels).observe(t.processing_seconds)
+        if outcome.rtfx is not None:  # silence is answered without running the model: no speed to report
+            self.queue_seconds.labels(*labels).observe(timing.queue_seconds)
+            self.compute_seconds.labels(*labels).observe(timing.compute_seconds)
             self.rtfx.labels(*labels).observe(outcome.rtfx)
         if score is not None:
             self.wer.labels(*labels).observe(score.wer)
@@ -164,14 +166,14 @@ class Metrics:
 
 
 class _LiveState(Collector):
-    def __init__(self, engine: WhisperEngine, scheduler: Scheduler):
-        self.engine = engine
+    def __init__(self, models: ModelStore, scheduler: Scheduler):
+        self.models = models
         self.scheduler = scheduler
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         windows = GaugeMetricFamily("whisper_queue_windows", "Windows (<= 30 s) waiting for a batch.", labels=["model"])
         waiting = self.scheduler.waiting_windows()
-        for model in self.engine.sources:
+        for model in self.models.sources:
             windows.add_metric([model], waiting.get(model, 0))
         yield windows
         yield GaugeMetricFamily(
@@ -180,12 +182,12 @@ class _LiveState(Collector):
         weights = GaugeMetricFamily(
             "whisper_model_weight_bytes", "Bytes of weights of each built variant.", labels=["model", "variant"]
         )
-        for built in self.engine.variant_cache.built():
-            weights.add_metric([built.model_id, built.variant], built.weight_bytes)
+        for built in self.models.variant_cache.built():
+            weights.add_metric([built.ref.model, str(built.ref.variant)], built.weight_bytes)
         yield weights
         yield GaugeMetricFamily(
             "whisper_variant_cache_bytes", "Memory the built variants add to the loaded float32 models "
-            "(what VARIANT_MEMORY_MB bounds).", value=self.engine.variant_cache.used_bytes(),
+            "(what VARIANT_MEMORY_MB bounds).", value=self.models.variant_cache.used_bytes(),
         )
         _, peak_mb = rss_mb()
         yield GaugeMetricFamily(
@@ -203,21 +205,24 @@ class _LiveState(Collector):
 
 
 class RequestCounter:
-    """ASGI middleware: counts every audio request by status class, and times the successful ones.
-    It sits outside the upload-size limit and the error handlers, so refusals count too. The router
-    names the model and variant in `request.state.model_labels` once it has resolved them."""
+    """ASGI middleware: counts every request to a counted route by status class, and times the
+    successful ones. It sits outside the upload-size limit and the error handlers, so refusals
+    count too. `routes` maps a path to its `endpoint` label (create_app derives it from the
+    routers: every route tagged as counted). The router names the model and variant in
+    `request.state.model_labels` once it has resolved them."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics):
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: dict[str, str]):
         self.app = app
         self.metrics = metrics
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint = AUDIO_ENDPOINTS.get(scope.get("path", "")) if scope["type"] == "http" else None
+        endpoint = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
         if endpoint is None:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500  # unless a response starts
+        status = INTERNAL_ERROR  # unless a response starts
 
         async def recording_send(message: Message) -> None:
             nonlocal status
@@ -228,10 +233,10 @@ class RequestCounter:
         try:
             await self.app(scope, receive, recording_send)
         except asyncio.CancelledError:  # the client went away: nginx's 499, a client-side outcome
-            status = 499
+            status = CLIENT_CLOSED
             raise
         finally:
             model, variant = scope.get("state", {}).get("model_labels", (UNRESOLVED, UNRESOLVED))
             self.metrics.requests.labels(model, variant, endpoint, status_class(status)).inc()
-            if status < 300:
+            if status_class(status) == "2xx":
                 self.metrics.request_seconds.labels(model, variant, endpoint).observe(time.perf_counter() - start)

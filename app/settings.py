@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from optim.scheduler.policy import PolicyName
 
 
 class Settings(BaseSettings):
@@ -56,7 +57,7 @@ class Settings(BaseSettings):
         240.0, gt=0, description="Padded audio per batch (windows × longest window), in seconds: bounds batch memory."
     )
     max_queue: int = Field(64, ge=1, description="Requests admitted at once (waiting or running); past it: 503 + Retry-After.")
-    batch_policy: Literal["duration", "fifo"] = Field(
+    batch_policy: PolicyName = Field(
         "duration", description="`duration`: batch windows of similar length; `fifo`: in arrival order (baseline)."
     )
     dynamic_audio_context: bool = Field(
@@ -88,8 +89,3 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
-
-
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()

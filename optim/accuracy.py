@@ -53,3 +53,11 @@ def score(reference: str, hypothesis: str, language: str) -> Score | None:
         chars.substitutions + chars.deletions + chars.insertions,
         chars.substitutions + chars.deletions + chars.hits,
     )
+
+
+def corpus_wer(references: list[str], hypotheses: list[str], language: str = "en") -> float:
+    """Corpus WER (a fraction): word errors summed over all pairs over all reference words, after
+    the normalizer of `language`, as the Whisper paper computes it. An empty hypothesis counts
+    every reference word as deleted."""
+    normalize = normalizer(language)
+    return jiwer.wer([normalize(r) for r in references], [normalize(h) or "<empty>" for h in hypotheses])

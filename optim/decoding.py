@@ -18,8 +18,8 @@ two guards bound the model's tendency to behave as if 30 s were present: no time
 the window's real end, and a token budget per second of audio; a row that trips the budget or
 looks like a loop is reported as failed so the caller re-decodes it with the full context.
 
-The attention math follows the variant: `flash` models use PyTorch's fused SDPA, the others
-the explicit softmax of the reference.
+The attention math follows the variant's declaration (`Variant.fused_attention`): `flash`
+models use PyTorch's fused SDPA, the others the explicit softmax of the reference.
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ from whisper.decoding import ApplyTimestampRules, SuppressBlank, SuppressTokens
 from whisper.model import MultiHeadAttention, Whisper
 from whisper.tokenizer import Tokenizer
 from whisper.utils import compression_ratio as get_compression_ratio
-
-from optim.variants.flash import FlashAttention
 
 FRAMES_PER_SECOND = 100  # mel frames (10 ms hop)
 SAMPLE_LEN = 224  # openai-whisper's default: at most half the text context per window
@@ -122,8 +120,9 @@ def encode(model: Whisper, mel: Tensor) -> Tensor:
 class KVCache:
     """Per-layer self-attention keys/values, (rows, capacity, width), each row at its own length."""
 
-    def __init__(self, model: Whisper, rows: int, capacity: int, audio: Tensor):
+    def __init__(self, model: Whisper, rows: int, capacity: int, audio: Tensor, fused_attention: bool = False):
         decoder = model.decoder
+        self.fused_attention = fused_attention  # SDPA instead of the explicit softmax
         width = model.dims.n_text_state
         # zeros, not empty: masked slots get zero weight, but 0 × NaN from stale memory is NaN
         self.self_kv = [
@@ -136,6 +135,7 @@ class KVCache:
     def probe(self, rows: Tensor) -> "KVCache":
         """A one-token cache for `rows`, sharing their cross-attention keys/values (language detection)."""
         probe = KVCache.__new__(KVCache)
+        probe.fused_attention = self.fused_attention
         probe.self_kv = [(k[rows, :1].clone(), v[rows, :1].clone()) for k, v in self.self_kv]
         probe.cross_kv = [(k[rows], v[rows]) for k, v in self.cross_kv]
         probe.lengths = torch.zeros(len(rows), dtype=torch.long, device=rows.device)
@@ -148,10 +148,10 @@ class KVCache:
         self.lengths = self.lengths[rows]
 
 
-def _attend(attn: MultiHeadAttention, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+def _attend(attn: MultiHeadAttention, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, fused: bool) -> Tensor:
     heads = lambda t: t.view(*t.shape[:2], attn.n_head, -1).transpose(1, 2)  # noqa: E731
     q, k, v = heads(q), heads(k), heads(v)
-    if isinstance(attn, FlashAttention):
+    if fused:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None])
     else:  # the reference: explicit weights
         w = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
@@ -178,8 +178,8 @@ def decoder_hidden(model: Whisper, tokens: Tensor, cache: KVCache, new_lengths: 
         h = block.attn_ln(x)
         k_cache[row_index, positions] = attn.key(h)
         v_cache[row_index, positions] = attn.value(h)
-        x = x + attn.out(_attend(attn, attn.query(h), k_cache[:, :keys], v_cache[:, :keys], mask))
-        x = x + cross.out(_attend(cross, cross.query(block.cross_attn_ln(x)), ck, cv, None))
+        x = x + attn.out(_attend(attn, attn.query(h), k_cache[:, :keys], v_cache[:, :keys], mask, cache.fused_attention))
+        x = x + cross.out(_attend(cross, cross.query(block.cross_attn_ln(x)), ck, cv, None, cache.fused_attention))
         x = x + block.mlp(block.mlp_ln(x))
     cache.lengths = cache.lengths + new_lengths
     return decoder.ln(x)
@@ -245,11 +245,17 @@ def _prefill(
 
 
 def decode_batch(
-    model: Whisper, tokenizer: Tokenizer, windows: list[WindowInput], shorten_context: bool, fp16: bool = False
+    model: Whisper,
+    tokenizer: Tokenizer,
+    windows: list[WindowInput],
+    shorten_context: bool,
+    half: bool = False,
+    fused_attention: bool = False,
 ) -> tuple[list[WindowOutput], BatchStats]:
-    """Decode windows of one model, variant and task together (see the module docstring)."""
+    """Decode windows of one model, variant and task together (see the module docstring). `half`
+    and `fused_attention` come from the variant: float16 compute, SDPA attention."""
     device = model.device
-    dtype = torch.float16 if fp16 else torch.float32
+    dtype = torch.float16 if half else torch.float32
     rows = len(windows)
     frames = [w.frames for w in windows]
     context = audio_context(frames, shorten_context and not any(w.full_context for w in windows))
@@ -259,7 +265,7 @@ def decode_batch(
         mel[i, :, : w.frames] = w.mel[:, :context].to(device, dtype)
     audio = encode(model, mel)
 
-    cache = KVCache(model, rows, max(len(w.prompt) + 1 for w in windows) + 3 + SAMPLE_LEN, audio)
+    cache = KVCache(model, rows, max(len(w.prompt) + 1 for w in windows) + 3 + SAMPLE_LEN, audio, fused_attention)
     languages, no_speech, next_logits = _prefill(model, tokenizer, windows, cache)
 
     precision = CHUNK_LENGTH / model.dims.n_audio_ctx  # 0.02 s per timestamp token

@@ -39,20 +39,19 @@ from whisper.audio import HOP_LENGTH, N_SAMPLES
 from whisper.model import Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
-from app.audio import decode_audio
+from optim.audio import decode_audio
 from optim.decoding import WindowInput, audio_context, decode_batch, encode
-from optim.registry import build_variant
+from optim.engine import WhisperEngine
+from optim.evaluation import EVAL_DIR, audio_seconds, load_set, measure
+from optim.fallback import is_trusted
+from optim.registry import build_variant, parse_variant
+from optim.scheduler import SchedulerConfig
 from optim.student import make_student, save_student, spaced_layers, student_path
 from optim.weights import load_whisper
 from optim.windows import split_at_pauses
 
-EVAL_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "eval"
 DEFAULT_DATA = EVAL_DIR / "en_untranscribed"
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".webm"}
-# The engine's fallback thresholds (openai-whisper's): a label below them would be re-decoded
-# hotter when serving; here the window is dropped instead.
-MIN_AVG_LOGPROB = -1.0
-MAX_COMPRESSION_RATIO = 2.4
 
 
 @dataclass(frozen=True)
@@ -127,17 +126,18 @@ def windows(clips: list[tuple[str, Path]], n_mels: int) -> list[tuple[str, Tenso
 def label(teacher: Whisper, tokenizer: Tokenizer, mels: list[Tensor], batch_size: int) -> list[list[int] | None]:
     """The teacher's greedy tokens per window at the full context; None where the service would
     not trust them (the engine's fallback thresholds)."""
-    fast = build_variant(teacher, "flash")  # exact (tested against fp32), faster
+    flash = parse_variant("flash")
+    fast = build_variant(teacher, flash)  # exact (tested against fp32), faster
     labels: list[list[int] | None] = [None] * len(mels)
     order = sorted(range(len(mels)), key=lambda i: mels[i].shape[-1])  # similar lengths together
     with torch.inference_mode(), tqdm(total=len(mels), desc="pseudo-labels", unit="window") as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             inputs = [WindowInput(mels[i], "en", [], 0.0, full_context=True) for i in chunk]
-            outputs, _ = decode_batch(fast, tokenizer, inputs, shorten_context=False)
+            outputs, _ = decode_batch(fast, tokenizer, inputs, shorten_context=False, fused_attention=flash.fused_attention)
             for i, o in zip(chunk, outputs):
-                trusted = o.avg_logprob >= MIN_AVG_LOGPROB and o.compression_ratio <= MAX_COMPRESSION_RATIO and o.text.strip()
-                labels[i] = [*tokenizer.sot_sequence, *o.tokens, tokenizer.eot] if trusted else None
+                # a label the service would re-decode hotter (optim/fallback.py) is dropped instead
+                labels[i] = [*tokenizer.sot_sequence, *o.tokens, tokenizer.eot] if is_trusted(o) else None
             bar.update(len(chunk))
     return labels
 
@@ -317,19 +317,16 @@ def train(teacher: Whisper, examples: list[Example], validation: list[Example], 
 
 # ------------------------------------------------------------------------------ evaluation
 def evaluate_wer(teacher_id: str, models_dir: Path, eval_dir: Path, variant: str = "flash") -> dict:
-    """Teacher and student on `eval_dir`'s en_read through the service's engine and scheduler."""
-    from optim.bench_context import CONFIGS, load_set, measure
-    from optim.engine import WhisperEngine
-
+    """Teacher and student on `eval_dir`'s en_read through the service's engine and scheduler
+    (batched, dynamic audio context: the service's defaults)."""
     clips = load_set("en_read", eval_dir)
-    seconds = sum(len(a) for _, a, _ in clips) / 16_000
     engine = WhisperEngine({teacher_id: teacher_id}, models_dir=models_dir)
-    engine.load(teacher_id)
+    config = SchedulerConfig(max_batch_size=8, shorten_context=True)
     try:
-        results = {name: measure(engine, teacher_id, name, CONFIGS["batched+dynamic"], clips) for name in (variant, f"distilled+{variant}")}
+        results = {name: measure(engine, engine.models.ref(teacher_id, engine.models.variant(name)), config, clips) for name in (variant, f"distilled+{variant}")}
     finally:
         engine.close()
-    return {"set": "en_read", "clips": len(clips), "audio_seconds": round(seconds, 1), **results}
+    return {"set": "en_read", "clips": len(clips), "audio_seconds": round(audio_seconds(clips), 1), **results}
 
 
 # ------------------------------------------------------------------------------ command

@@ -1,126 +1,116 @@
 """Names the model variants, decides which combinations exist, and builds and caches them.
 
-A variant name is one or more techniques joined by `+` (`int8+flash`). Rules:
+A variant name is one or more techniques joined by `+` (`int8+flash`). Each technique is one
+module in `optim/variants/` that declares itself (`TECHNIQUE`, see `optim/variants/technique.py`);
+`TECHNIQUES` below lists them, and everything else follows from the declarations:
 
-* `fp32` is the reference and stands alone;
-* at most one precision (`fp16` or `int8`); `int8` is CPU-only (PyTorch's fbgemm kernels);
-* `winograd` and `flash` combine with either precision;
+* `fp32` is the reference (no technique) and stands alone;
+* at most one technique of a group (`precision`: `fp16` or `int8`);
+* a technique runs only on its declared devices (`int8`: CPU, PyTorch's fbgemm kernels);
 * a variant without `flash` uses eager attention, like `fp32`, so each technique's effect is
   measured on its own.
 
-Variants are built from the already-loaded float32 model (a deep copy, then transforms in a
-fixed order), never re-read from disk, and kept under a memory budget and an idle TTL.
+Adding a technique: write `optim/variants/<name>.py` with its transform and `TECHNIQUE`, and add
+it to `TECHNIQUES` (its position is where it goes in a name).
+
+Variants are built from the already-loaded float32 model (a deep copy, then transforms by
+stage), never re-read from disk, and kept under a memory budget and an idle TTL.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
 
 from whisper.model import Whisper
 
-from optim.variants.flash import apply_flash
-from optim.variants.fp16 import apply_fp16
+from optim.errors import UnknownVariant
+from optim.types import REFERENCE, ModelRef, Variant
+from optim.variants import distilled, flash, fp16, int8, winograd
 from optim.variants.fp32 import apply_fp32
-from optim.variants.int8 import apply_int8
 from optim.variants.modules import nbytes
-from optim.variants.winograd import apply_winograd
+from optim.variants.technique import Technique
 
-# Applied in this order: convolution and attention rewrites need float32 weights in place,
-# precision changes come last.
-TECHNIQUES: dict[str, Callable[[Whisper], Whisper]] = {
-    "winograd": apply_winograd,
-    "flash": apply_flash,
-    "fp16": apply_fp16,
-    "int8": apply_int8,
-}
-PRECISIONS = ("fp16", "int8")
-REFERENCE = "fp32"
-# Not a transform: the variant runs a distilled student (optim/student.py) in place of the model,
-# with any other techniques applied to the student.
-DISTILLED = "distilled"
-NAME_ORDER = (DISTILLED, "fp16", "int8", "winograd", "flash")  # how combinations are spelled: distilled+int8+flash
+# The order in which a combination is spelled: distilled+int8+flash.
+TECHNIQUES: tuple[Technique, ...] = (
+    distilled.TECHNIQUE,
+    fp16.TECHNIQUE,
+    int8.TECHNIQUE,
+    winograd.TECHNIQUE,
+    flash.TECHNIQUE,
+)
+_BY_NAME = {t.name: t for t in TECHNIQUES}
 
 
-class UnknownVariant(ValueError):
-    pass
-
-
-def parse_variant(name: str) -> tuple[str, ...]:
-    """Validate a variant name and return its techniques in canonical order."""
+def parse_variant(name: str) -> Variant:
+    """The canonical variant a name spells, in any order or case; UnknownVariant if it spells none."""
     parts = [p.strip() for p in name.lower().split("+") if p.strip()]
     if parts == [REFERENCE]:
-        return ()
-    if parts == [DISTILLED, REFERENCE] or parts == [REFERENCE, DISTILLED]:  # the student in float32
-        return (DISTILLED,)
-    unknown = [p for p in parts if p not in TECHNIQUES and p != DISTILLED]
+        return Variant()
+    if sorted(parts) == sorted([distilled.TECHNIQUE.name, REFERENCE]):  # the student in float32
+        parts = [distilled.TECHNIQUE.name]
+    unknown = [p for p in parts if p not in _BY_NAME]  # fp32 within a combination too
     if not parts or unknown or len(set(parts)) != len(parts):
-        raise UnknownVariant(f"unknown variant {name!r}")
-    if sum(p in PRECISIONS for p in parts) > 1:
-        raise UnknownVariant(f"variant {name!r} combines two precisions; choose fp16 or int8")
-    return tuple(t for t in (DISTILLED, *TECHNIQUES) if t in parts)
+        raise UnknownVariant(f"unknown variant {name!r}", "model")
+    chosen = [_BY_NAME[p] for p in parts]
+    for group, count in Counter(t.group for t in chosen if t.group).items():
+        if count > 1:
+            options = " or ".join(t.name for t in TECHNIQUES if t.group == group)
+            raise UnknownVariant(f"variant {name!r} combines two of group {group!r}; choose {options}", "model")
+    return Variant(tuple(t for t in TECHNIQUES if t in chosen))
 
 
-def is_distilled(name: str) -> bool:
-    return DISTILLED in parse_variant(name)
-
-
-def canonical(name: str) -> str:
-    techniques = parse_variant(name)
-    return "+".join(t for t in NAME_ORDER if t in techniques) or REFERENCE
-
-
-def all_variants(device: str = "cpu", distilled: bool = False) -> list[str]:
-    """Every valid combination, the reference first; with `distilled`, each again on a student."""
+def all_variants(device: str = "cpu", distilled: bool = False) -> list[Variant]:
+    """Every valid combination on `device`, the reference first; with `distilled`, each again on
+    a student. Each group is one choice (none or one member), each other technique on or off."""
+    transforms = [t for t in TECHNIQUES if t.apply is not None]
+    groups = list(dict.fromkeys(t.group for t in transforms if t.group))
+    axes = [[None, *(t for t in transforms if t.group == g)] for g in groups]
+    axes += [[None, t] for t in transforms if not t.group]
+    found = []
+    for choice in itertools.product(*axes):
+        variant = Variant(tuple(t for t in TECHNIQUES if t in choice))
+        if variant.runs_on(device):
+            found.append(variant)
     if distilled:
-        return [*all_variants(device), *(canonical(f"{DISTILLED}+{v}") for v in all_variants(device))]  # fp32 → distilled
-    names = [REFERENCE]
-    for precision in (None, *PRECISIONS):
-        if precision == "int8" and device != "cpu":
-            continue
-        for winograd in (False, True):
-            for flash in (False, True):
-                parts = [p for p, on in (("winograd", winograd), ("flash", flash), (precision, precision)) if on]
-                if parts:
-                    names.append(canonical("+".join(parts)))
-    return names
+        sources = [t for t in TECHNIQUES if t.apply is None]
+        found += [Variant(tuple(t for t in TECHNIQUES if t in (*v.techniques, *sources))) for v in found]
+    return found
 
 
-def recommended(device: str = "cpu") -> str:
+def recommended(device: str = "cpu") -> Variant:
     """The fastest combination that keeps accuracy (benchmarks/variants.md). On CPU that is
     `flash`: exact, 1.3× fp32. `int8+flash` is 2.8× but costs base 0.8 WER points, more than
     the 0.5 we accept for a default (tiny.en loses nothing): clients ask for it by name. On
     CUDA half precision with fused attention, openai-whisper's own choice there."""
-    return "flash" if device == "cpu" else "fp16+flash"
+    return parse_variant("flash" if device == "cpu" else "fp16+flash")
 
 
-def build_variant(model: Whisper, name: str, in_place: bool = False) -> Whisper:
-    """`model` (float32) transformed into variant `name`: a new model, unless `in_place`
-    (for a caller that no longer needs the float32 model).
+def build_variant(model: Whisper, variant: Variant, in_place: bool = False) -> Whisper:
+    """`model` (float32) transformed into `variant`: a new model, unless `in_place` (for a
+    caller that no longer needs the float32 model). For a distilled variant, pass the student.
 
     The new model's modules are copies, but its weights are the source's own tensors wherever
     the variant does not change them (`fp32`, `flash`, and every weight that `int8` or
-    `winograd` replace by new ones), so those cost no memory; only `fp16`, which converts the
-    weights themselves, copies them.
+    `winograd` replace by new ones), so those cost no memory; only a technique that converts
+    every weight (`fp16`) copies them.
     """
     if not in_place:
-        shared = {} if "fp16" in parse_variant(name) else {id(t): t for t in (*model.parameters(), *model.buffers())}
+        shared = {} if variant.converts_weights else {id(t): t for t in (*model.parameters(), *model.buffers())}
         model = copy.deepcopy(model, memo=shared)
-    variant = apply_fp32(model)  # eager attention unless `flash` replaces it
-    for technique in parse_variant(name):
-        if technique != DISTILLED:  # the caller passes the student itself as `model`
-            variant = TECHNIQUES[technique](variant)
-    return variant.eval()
+    model = apply_fp32(model)  # eager attention unless a technique replaces it
+    for technique in variant.transforms:
+        model = technique.apply(model)
+    return model.eval()
 
 
 @dataclass
 class BuiltVariant:
-    model_id: str
-    variant: str
+    ref: ModelRef
     model: Whisper
     build_seconds: float
     nbytes: int  # what it adds to memory: weights shared with the float32 source are not counted
@@ -128,12 +118,13 @@ class BuiltVariant:
     last_used: float = field(default_factory=time.monotonic)
 
     @property
-    def fp16_compute(self) -> bool:
-        return "fp16" in self.variant and self.model.device.type == "cuda"
+    def half_compute(self) -> bool:
+        """Computes in float16: half-precision weights on a device with fast float16 (CUDA)."""
+        return self.ref.variant.half_precision and self.model.device.type == "cuda"
 
 
 class VariantCache:
-    """Built variants by (model id, variant), least recently used first out.
+    """Built variants by model reference, least recently used first out.
 
     The budget counts the memory each variant adds: weights it shares with its float32 source
     (always loaded) are not counted. A variant idle longer than `idle_ttl` seconds is dropped at the
@@ -143,13 +134,13 @@ class VariantCache:
     def __init__(self, budget_bytes: int, idle_ttl: float | None = None):
         self.budget_bytes = budget_bytes
         self.idle_ttl = idle_ttl
-        self.pinned: set[tuple[str, str]] = set()
-        self._built: OrderedDict[tuple[str, str], BuiltVariant] = OrderedDict()
+        self.pinned: set[ModelRef] = set()
+        self._built: OrderedDict[ModelRef, BuiltVariant] = OrderedDict()
         self._lock = threading.Lock()
-        self._building: dict[tuple[str, str], threading.Lock] = {}
+        self._building: dict[ModelRef, threading.Lock] = {}
 
-    def get(self, model_id: str, source: Whisper, variant: str) -> BuiltVariant:
-        key = (model_id, canonical(variant))
+    def get(self, key: ModelRef, source: Whisper) -> BuiltVariant:
+        """The built variant, building it from `source` on first use (one build per key)."""
         with self._lock:
             built = self._built.get(key)
             if built is not None:
@@ -162,9 +153,9 @@ class VariantCache:
                 if key in self._built:
                     return self._built[key]
             start = time.perf_counter()
-            model = build_variant(source, key[1])
+            model = build_variant(source, key.variant)
             own_bytes = nbytes(model, shared_with=source)  # what this variant adds to memory
-            built = BuiltVariant(model_id, key[1], model, time.perf_counter() - start, own_bytes, nbytes(model))
+            built = BuiltVariant(key, model, time.perf_counter() - start, own_bytes, nbytes(model))
             with self._lock:
                 self._built[key] = built
                 self._evict(keep=key)
@@ -177,7 +168,11 @@ class VariantCache:
     def used_bytes(self) -> int:
         return sum(b.nbytes for b in self.built())
 
-    def _evict(self, keep: tuple[str, str]) -> None:
+    def is_built(self, key: ModelRef) -> bool:
+        with self._lock:
+            return key in self._built
+
+    def _evict(self, keep: ModelRef | None) -> None:
         now = time.monotonic()
         for key, built in list(self._built.items()):
             if key in self.pinned or key == keep:
@@ -189,4 +184,4 @@ class VariantCache:
 
     def expire_idle(self) -> None:
         with self._lock:
-            self._evict(keep=("", ""))
+            self._evict(keep=None)

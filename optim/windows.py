@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-SAMPLE_RATE = 16_000
+from optim.audio import SAMPLE_RATE
+
 FRAME = 160  # 10 ms: one mel frame, so cuts fall on mel-frame boundaries
 MAX_WINDOW_SECONDS = 30.0
 SEARCH_FROM_SECONDS = 15.0  # cut no earlier than this into a window

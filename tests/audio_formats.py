@@ -7,7 +7,7 @@ import io
 import av
 import numpy as np
 
-from app.audio import SAMPLE_RATE
+from optim.audio import SAMPLE_RATE
 
 # (container, codec, sample rate): every format named in the API docs, at typical rates.
 FORMATS = {

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from jiwer import wer
-from whisper.normalizers import EnglishTextNormalizer
 
 from loadtest.server import free_port, stop, wait_until_ready
+from optim.accuracy import corpus_wer, normalizer
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
@@ -45,12 +44,12 @@ CLIPS = _load_clips()
 ENGLISH_READ = [c for c in CLIPS.values() if (c.id == "jfk" or c.id.startswith("lj-")) and c.duration < 30]
 LONG_FORM = [c for c in CLIPS.values() if c.duration > 30]  # several windows each
 
-normalize = EnglishTextNormalizer()
+normalize = normalizer("en")
 
 
 def english_wer(references: list[str], hypotheses: list[str]) -> float:
-    """Corpus WER after Whisper's English normalizer (as the Whisper paper computes it)."""
-    return wer([normalize(r) for r in references], [normalize(h) or "<empty>" for h in hypotheses])
+    """Corpus WER after Whisper's English normalizer: the service's own (optim/accuracy.py)."""
+    return corpus_wer(references, hypotheses, "en")
 
 
 @pytest.fixture(scope="session")

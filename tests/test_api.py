@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from app.audio import decode_audio
+from optim.audio import SAMPLE_RATE, decode_audio
 from tests.audio_formats import FORMATS, encode_audio
 from tests.conftest import ENGLISH_READ, english_wer
 
@@ -32,7 +32,7 @@ def long_speech(clips) -> tuple[bytes, str, float]:
     """Five LJ Speech sentences (and JFK) joined: 45 s, over one 30-s window."""
     parts = [clips[f"lj-LJ001-000{i}"] for i in range(1, 6)] + [clips["jfk"]]
     samples = np.concatenate([decode_audio(c.data).samples for c in parts])
-    return encode_audio(samples, "flac", "flac"), " ".join(c.text for c in parts), len(samples) / 16_000
+    return encode_audio(samples, "flac", "flac"), " ".join(c.text for c in parts), len(samples) / SAMPLE_RATE
 
 
 # ------------------------------------------------------------------------------ the SDK

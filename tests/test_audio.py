@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.audio import SAMPLE_RATE, AudioTooLong, CorruptAudio, EmptyAudio, UnsupportedAudio, decode_audio
+from optim.audio import SAMPLE_RATE, decode_audio
+from optim.errors import AudioTooLong, CorruptAudio, EmptyAudio, UnsupportedAudio
 from tests.audio_formats import FORMATS, encode_audio
 
 

@@ -16,12 +16,14 @@ import pytest
 import torch
 import whisper
 
-from app.audio import decode_audio
-from app.scheduler import Scheduler, SchedulerConfig, _Pending, _Request
+from optim.audio import SAMPLE_RATE, decode_audio
 from optim.decoding import BatchStats, audio_context
-from optim.engine import TranscriptionOptions, WhisperEngine, Window
-from optim.registry import all_variants
-from optim.windows import SAMPLE_RATE, split_at_pauses
+from optim.engine import WhisperEngine
+from optim.registry import all_variants, parse_variant
+from optim.scheduler import Scheduler, SchedulerConfig
+from optim.scheduler.policy import POLICIES, Limits, QueuedWindow
+from optim.types import ModelRef, TranscriptionOptions
+from optim.windows import split_at_pauses
 from tests.conftest import ENGLISH_READ, LONG_FORM, Server, english_wer, normalize
 
 ENGLISH = TranscriptionOptions(language="en")
@@ -30,7 +32,7 @@ ENGLISH = TranscriptionOptions(language="en")
 @pytest.fixture(scope="module")
 def engine():
     engine = WhisperEngine({"tiny.en": "tiny.en"})
-    engine.load("tiny.en")
+    engine.models.load("tiny.en")
     yield engine
     engine.close()
 
@@ -45,15 +47,17 @@ def run_all(engine, config: SchedulerConfig, audio: list[np.ndarray], options: l
     batches: list[BatchStats] = []
 
     async def go():
-        scheduler = Scheduler(engine, config, on_batch=lambda m, v, stats, s: batches.append(stats))
+        scheduler = Scheduler(engine, config, on_batch=lambda ref, stats, s: batches.append(stats))
         try:
-            return await asyncio.gather(
-                *(scheduler.transcribe("tiny.en", variant, a, o) for a, o in zip(audio, options))
-            )
+            return await asyncio.gather(*(scheduler.transcribe(tiny(variant), a, o) for a, o in zip(audio, options)))
         finally:
             await scheduler.close()
 
-    return asyncio.run(go()), batches
+    return [transcript for transcript, _ in asyncio.run(go())], batches
+
+
+def tiny(variant: str) -> ModelRef:
+    return ModelRef("tiny.en", parse_variant(variant))
 
 
 @pytest.mark.parametrize("variant", ["fp32", "flash", "int8+flash"])
@@ -76,7 +80,7 @@ def test_batched_equals_unbatched(engine, read_audio, variant):
     assert english_wer([c.text for c in ENGLISH_READ], [t.text for t in together]) < 0.10
 
 
-@pytest.mark.parametrize("variant", all_variants("cpu"))
+@pytest.mark.parametrize("variant", [v.name for v in all_variants("cpu")])
 def test_every_variant_decodes_in_batches(engine, read_audio, variant):
     texts, batches = run_all(engine, SchedulerConfig(max_batch_size=4, max_wait=0.5), read_audio[:4], [ENGLISH] * 4, variant)
     assert batches[0].batch_size == 4
@@ -96,23 +100,17 @@ def test_dynamic_context_keeps_the_words(engine, read_audio):
 
 
 def plan_batches(policy: str, durations: list[float], max_batch_size: int = 4) -> list[list[float]]:
-    """The batches the scheduler forms from windows of these durations, all waiting (no model
-    runs: this is the policy alone; the load test measures it end to end)."""
-    async def go():
-        scheduler = Scheduler(None, SchedulerConfig(max_batch_size=max_batch_size, max_wait=0.0, policy=policy))
-        request = _Request(("tiny.en", "flash", "transcribe"), 0.0, 0.0, len(durations), asyncio.get_running_loop().create_future())
-        for i, d in enumerate(durations):  # arrival order = list order
-            window = Window(torch.zeros(80, round(d * 100)), 0.0, "en", [], 0.0, True, False)
-            scheduler._queues[request.key].append(_Pending(request, window, enqueued=i * 1e-3))
-        planned = []
-        while True:
-            batch, _ = scheduler.choose("tiny.en", now=1.0)
-            if not batch:
-                return planned
-            scheduler._queues[request.key] = [p for p in scheduler._queues[request.key] if p not in batch]
-            planned.append([p.window.duration for p in batch])
-
-    return asyncio.run(go())
+    """The batches the policy forms from windows of these durations, all waiting (no model and
+    no event loop: the policy alone; the load test measures it end to end)."""
+    queue = [QueuedWindow(d, enqueued=i * 1e-3) for i, d in enumerate(durations)]  # arrival order = list order
+    chooser, limits = POLICIES[policy](), Limits(max_batch_size=max_batch_size, max_wait=0.0)
+    planned = []
+    while True:
+        choice = chooser.choose({"tiny.en:flash": queue}, now=1.0, limits=limits, seconds_per_window=0.5)
+        if not choice.batch:
+            return planned
+        queue = [w for w in queue if w not in choice.batch]
+        planned.append([w.padded_seconds for w in choice.batch])
 
 
 def mean_padding(batches: list[list[float]], kind: str) -> float:
@@ -143,7 +141,8 @@ def test_a_partial_batch_runs_after_the_maximum_wait(engine, read_audio):
     async def go(max_wait):
         scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=8, max_wait=max_wait))
         try:
-            return await scheduler.transcribe("tiny.en", "flash", read_audio[0], ENGLISH)
+            _, timing = await scheduler.transcribe(tiny("flash"), read_audio[0], ENGLISH)
+            return timing
         finally:
             await scheduler.close()
 
@@ -163,7 +162,7 @@ def test_a_short_request_is_not_held_behind_a_long_file(engine, clips):
 
         async def timed(name, audio, delay):
             await asyncio.sleep(delay)
-            await scheduler.transcribe("tiny.en", "int8+flash", audio, ENGLISH)
+            await scheduler.transcribe(tiny("int8+flash"), audio, ENGLISH)
             finished[name] = time.perf_counter()
 
         try:
@@ -201,7 +200,7 @@ def test_long_form_matches_openai_whisper_transcribe(engine, clips, clip_id):
     assert max(b.batch_size for b in batches) > 1  # the file's windows ran together
     from optim.registry import build_variant
 
-    reference_model = build_variant(engine.loaded["tiny.en"].model, "flash")
+    reference_model = build_variant(engine.models.loaded["tiny.en"].model, parse_variant("flash"))
     torch.manual_seed(0)
     with torch.inference_mode():
         theirs = whisper.transcribe(reference_model, torch.from_numpy(samples), language="en", fp16=False, verbose=None)

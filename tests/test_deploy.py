@@ -334,7 +334,7 @@ def test_dockerignore_sends_what_the_dockerfile_copies_and_nothing_else(dockerfi
             relative = file.relative_to(ROOT).as_posix()
             assert in_build_context(relative, patterns), f"{relative} is copied but .dockerignore leaves it out"
     for kept_out in [".venv/bin/python", ".git/HEAD", "models/custom.pt", "models/ct2/model.bin", "tests/data/jfk.flac",
-                     "benchmarks/run.log", "app/__pycache__/main.cpython-311.pyc", "optim/variants/__pycache__/x.pyc",
+                     "benchmarks/run.log", "benchmarks/variants.py", "app/__pycache__/main.cpython-311.pyc", "optim/variants/__pycache__/x.pyc",
                      ".env", "app/.env", ".pytest_cache/x", "loadtest/cli.py", "docker/prometheus/prometheus.yml"]:
         assert not in_build_context(kept_out, patterns), f"{kept_out} would be sent to the builder"
 
@@ -424,7 +424,7 @@ def test_image_command_serves_health_and_metrics_and_its_healthcheck_passes(dock
     models_dir.mkdir()
     site_dir.mkdir()
     absent = _not_in_image(_copied_packages(runtime))
-    assert {"pytest", "httpx", "faster_whisper", "loadtest", "tests"} <= absent
+    assert {"pytest", "httpx", "faster_whisper", "loadtest", "tests", "benchmarks"} <= absent
     assert not {"torch", "whisper", "av", "fastapi", "app", "optim"} & absent
     service_env = _service_env(env, port, models_dir, site_dir, absent)
     url = f"http://127.0.0.1:{port}"

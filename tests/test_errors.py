@@ -8,9 +8,9 @@ import httpx
 import numpy as np
 import pytest
 
-from app.audio import decode_audio
-from app.main import _load_models, create_app
+from app.main import create_app
 from app.settings import Settings
+from optim.audio import SAMPLE_RATE, decode_audio
 from optim.weights import save_openai_checkpoint
 from tests.audio_formats import encode_audio
 from tests.conftest import Server, english_wer
@@ -37,14 +37,14 @@ def speech(clips) -> np.ndarray:
 def bad_inputs(clips, speech) -> dict[str, tuple[bytes, str, dict, int, str]]:
     """name -> (file bytes, filename, form fields, expected status, expected code)"""
     flac = clips["jfk"].data
-    ten_minutes = np.tile(speech, int(600 / 9.6) + 1)[: 600 * 16_000]
+    ten_minutes = np.tile(speech, int(600 / 9.6) + 1)[: 600 * SAMPLE_RATE]
     return {
         "empty": (b"", "empty.wav", {}, 400, "empty_file"),
         "random-bytes": (np.random.default_rng(1).bytes(50_000), "noise.mp3", {}, 415, "unsupported_audio_format"),
         "text-named-wav": (b"Not audio at all, just text.\n" * 40, "notes.wav", {}, 415, "unsupported_audio_format"),
         "truncated-flac": (flac[: len(flac) // 3], "cut.flac", {}, 400, "invalid_audio"),
-        "ten-minutes-mp3": (encode_audio(ten_minutes, "mp3", "libmp3lame", 16_000), "long.mp3", {}, 413, "audio_too_long"),
-        "301-seconds-wav": (encode_audio(ten_minutes[: 301 * 16_000], "wav", "pcm_s16le"), "long.wav", {}, 413, "audio_too_long"),
+        "ten-minutes-mp3": (encode_audio(ten_minutes, "mp3", "libmp3lame", SAMPLE_RATE), "long.mp3", {}, 413, "audio_too_long"),
+        "301-seconds-wav": (encode_audio(ten_minutes[: 301 * SAMPLE_RATE], "wav", "pcm_s16le"), "long.wav", {}, 413, "audio_too_long"),
         "unknown-model": (flac, "jfk.flac", {"model": "large-v9"}, 404, "model_not_found"),
         "unknown-variant": (flac, "jfk.flac", {"model": "tiny.en:int4"}, 400, "unknown_variant"),
         "conflicting-precisions": (flac, "jfk.flac", {"model": "tiny.en", "variant": "fp16+int8"}, 400, "unknown_variant"),
@@ -133,7 +133,7 @@ def test_ready_is_503_until_models_are_loaded(tmp_path):
             busy = await client.post("/v1/audio/transcriptions", files={"file": ("a.wav", b"x")})
             assert busy.headers["retry-after"] == "5"
             _assert_error(busy, 503, "model_not_ready", "model")
-            await asyncio.to_thread(_load_models, app.state.service)
+            await asyncio.to_thread(app.state.service.models.load_startup)
             assert (await client.get("/ready")).status_code == 200
 
     asyncio.run(scenario())

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from whisper.model import ModelDimensions
 from whisper.tokenizer import get_tokenizer
 
-from app.audio import decode_audio
+from optim.audio import decode_audio
 from optim.decoding import WindowInput, decode_batch
 from optim.student import make_student
 from optim.weights import load_whisper, save_hf_folder

@@ -240,12 +240,12 @@ def test_cuda_memory_is_exported_when_cuda_is_present(monkeypatch):
     from prometheus_client import generate_latest
 
     from app.metrics import Metrics
-    from app.scheduler import Scheduler, SchedulerConfig
     from optim.engine import WhisperEngine
+    from optim.scheduler import Scheduler, SchedulerConfig
 
     engine = WhisperEngine({"tiny.en": "tiny.en"}, device="cpu")
-    metrics = Metrics()
-    metrics.watch(engine, Scheduler(engine, SchedulerConfig()))
+    metrics = Metrics(endpoints=["transcriptions"])
+    metrics.watch(engine.models, Scheduler(engine, SchedulerConfig()))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: 1000 * (i + 1))

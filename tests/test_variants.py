@@ -11,8 +11,10 @@ import torch
 import whisper
 from torch.ao.nn.quantized import dynamic as quantized
 
-from app.audio import decode_audio
-from optim.registry import UnknownVariant, VariantCache, all_variants, build_variant, canonical, parse_variant
+from optim.audio import decode_audio
+from optim.errors import UnknownVariant
+from optim.registry import VariantCache, all_variants, build_variant, parse_variant
+from optim.types import ModelRef
 from optim.variants.modules import StaticKVCache, nbytes
 from tests.conftest import ENGLISH_READ, english_wer
 
@@ -27,7 +29,7 @@ def mel(clips) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def variants(tiny_model) -> dict[str, torch.nn.Module]:
-    return {name: build_variant(tiny_model, name) for name in ("fp32", "flash", "winograd", "fp16", "int8", "int8+flash")}
+    return {name: build_variant(tiny_model, parse_variant(name)) for name in ("fp32", "flash", "winograd", "fp16", "int8", "int8+flash")}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +111,7 @@ def test_int8_quantizes_every_linear_and_shrinks_weights(variants, tiny_model):
 
 def test_building_shares_weights_but_leaves_the_source_untouched(tiny_model):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    built = {name: build_variant(tiny_model, name) for name in ("int8+flash", "fp16+winograd", "flash")}
+    built = {name: build_variant(tiny_model, parse_variant(name)) for name in ("int8+flash", "fp16+winograd", "flash")}
     after = tiny_model.state_dict()
     assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
     assert type(tiny_model.decoder.blocks[0].attn).__name__ == "MultiHeadAttention"
@@ -119,36 +121,40 @@ def test_building_shares_weights_but_leaves_the_source_untouched(tiny_model):
 
 
 def test_variant_names():
-    assert canonical("flash+int8") == "int8+flash"
-    assert canonical("FP32") == "fp32"
-    assert parse_variant("winograd+flash+fp16") == ("winograd", "flash", "fp16")
+    assert parse_variant("flash+int8").name == "int8+flash"
+    assert parse_variant("FP32").name == "fp32"
+    assert [t.name for t in parse_variant("flash+fp16+winograd").transforms] == ["winograd", "flash", "fp16"]  # built in that order
     for bad in ("int4", "fp16+int8", "fp32+flash", "flash+flash", ""):
         with pytest.raises(UnknownVariant):
             parse_variant(bad)
-    cpu = all_variants("cpu")
+    cpu = [v.name for v in all_variants("cpu")]
     assert cpu[0] == "fp32" and {"fp16", "int8", "winograd", "flash", "int8+flash", "int8+winograd+flash"} <= set(cpu)
     assert len(cpu) == len(set(cpu)) == 12
-    assert not any("int8" in v for v in all_variants("cuda"))
+    assert not any("int8" in v.name for v in all_variants("cuda"))
+
+
+def ref(variant: str) -> ModelRef:
+    return ModelRef("tiny.en", parse_variant(variant))
 
 
 def test_variant_cache_budget_ttl_and_pinning(tiny_model):
-    fp16_bytes = nbytes(build_variant(tiny_model, "fp16"), shared_with=tiny_model)
+    fp16_bytes = nbytes(build_variant(tiny_model, parse_variant("fp16")), shared_with=tiny_model)
     cache = VariantCache(budget_bytes=int(fp16_bytes * 1.5), idle_ttl=None)
-    first = cache.get("tiny.en", tiny_model, "fp16")
-    assert cache.get("tiny.en", tiny_model, "fp16") is first  # built once
+    first = cache.get(ref("fp16"), tiny_model)
+    assert cache.get(ref("fp16"), tiny_model) is first  # built once
     assert first.nbytes == fp16_bytes
-    cache.get("tiny.en", tiny_model, "fp16+flash")  # two fp16 copies exceed 1.5× → LRU out
-    assert [b.variant for b in cache.built()] == ["fp16+flash"]
-    cache.get("tiny.en", tiny_model, "flash")  # shares the source's weights: costs nothing
-    assert {b.variant for b in cache.built()} == {"fp16+flash", "flash"}
+    cache.get(ref("fp16+flash"), tiny_model)  # two fp16 copies exceed 1.5× → LRU out
+    assert [b.ref.variant.name for b in cache.built()] == ["fp16+flash"]
+    cache.get(ref("flash"), tiny_model)  # shares the source's weights: costs nothing
+    assert {b.ref.variant.name for b in cache.built()} == {"fp16+flash", "flash"}
 
-    cache.pinned.add(("tiny.en", "fp16+flash"))
-    cache.get("tiny.en", tiny_model, "fp16")  # over budget, but the others are pinned or free
-    assert {b.variant for b in cache.built()} == {"fp16+flash", "flash", "fp16"}
-    cache.get("tiny.en", tiny_model, "int8")  # now the least recently used costly one goes
-    assert {b.variant for b in cache.built()} == {"fp16+flash", "flash", "int8"}
+    cache.pinned.add(ref("fp16+flash"))
+    cache.get(ref("fp16"), tiny_model)  # over budget, but the others are pinned or free
+    assert {b.ref.variant.name for b in cache.built()} == {"fp16+flash", "flash", "fp16"}
+    cache.get(ref("int8"), tiny_model)  # now the least recently used costly one goes
+    assert {b.ref.variant.name for b in cache.built()} == {"fp16+flash", "flash", "int8"}
 
     cache.idle_ttl = 0.01
     time.sleep(0.05)
     cache.expire_idle()
-    assert [b.variant for b in cache.built()] == ["fp16+flash"]  # pinned stays
+    assert [b.ref.variant.name for b in cache.built()] == ["fp16+flash"]  # pinned stays

@@ -12,7 +12,7 @@ import torch
 import whisper
 from whisper.decoding import DecodingOptions
 
-from app.audio import decode_audio
+from optim.audio import decode_audio
 from optim.weights import (
     BUNDLED_MODELS,
     bundled_model_files,

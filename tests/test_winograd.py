@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import whisper
 
-from app.audio import decode_audio
+from optim.audio import decode_audio
 from optim.variants.winograd import WinogradConv1d, apply_winograd, winograd_transforms
 
 # Largest |Winograd - F.conv1d|, relative to the largest |F.conv1d output|, in float32.

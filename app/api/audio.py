@@ -1,62 +1,61 @@
-"""POST /v1/audio/transcriptions and /v1/audio/translations (OpenAI's Audio API)."""
+"""POST /v1/audio/transcriptions and /v1/audio/translations (OpenAI's Audio API).
+
+Routes tagged `COUNTED` are counted by the request-counter middleware under their `name`
+(the `endpoint` label), whatever their outcome."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import Response
 
-from app import formats
 from app.dependencies import get_service
-from app.errors import APIError
-from app.formats import ResponseFormat
-from app.service import Outcome, TranscriptionService
-from optim.engine import Task, TranscriptionOptions
+from app.formats import ResponseFormat, render
+from app.service import TranscriptionService
+from optim.errors import InvalidRequest
+from optim.types import Task, TranscriptionOptions
 
-router = APIRouter(prefix="/v1/audio", tags=["audio"])
+COUNTED = "audio"  # the tag of routes the request counter counts
+router = APIRouter(prefix="/v1/audio", tags=[COUNTED])
 
 Granularity = Literal["segment", "word"]
 
 
-def render(o: Outcome, response_format: ResponseFormat, granularities: list[Granularity]) -> Response:
-    t, figures = o.transcript, formats.performance(o)
-    headers = formats.performance_headers(figures)
-    if response_format is ResponseFormat.json:
-        return JSONResponse(formats.as_json(t), headers=headers)
-    if response_format is ResponseFormat.verbose_json:
-        body = formats.as_verbose_json(t, words="word" in granularities, metrics=figures)
-        return JSONResponse(body, headers=headers)
-    text = {ResponseFormat.text: formats.as_text, ResponseFormat.srt: formats.as_srt, ResponseFormat.vtt: formats.as_vtt}
-    media = "text/vtt" if response_format is ResponseFormat.vtt else "text/plain"
-    return PlainTextResponse(text[response_format](t), media_type=media, headers=headers)
+@dataclass(frozen=True)
+class AudioRequest:
+    """The form fields of either endpoint, once FastAPI has validated them."""
 
+    task: Task
+    file: UploadFile
+    model: str | None
+    variant: str | None
+    language: str | None
+    prompt: str | None
+    response_format: ResponseFormat
+    temperature: float
+    granularities: list[Granularity]
+    reference: str | None
 
-async def _run(
-    request: Request,
-    service: TranscriptionService,
-    task: Task,
-    file: UploadFile,
-    model: str | None,
-    language: str | None,
-    prompt: str | None,
-    response_format: ResponseFormat,
-    temperature: float,
-    granularities: list[Granularity],
-    variant: str | None,
-    reference: str | None,
-) -> Response:
-    if "word" in granularities and response_format is not ResponseFormat.verbose_json:
-        raise APIError(
-            400, "timestamp_granularities requires response_format=verbose_json", "invalid_value", "timestamp_granularities"
+    @property
+    def words(self) -> bool:
+        return "word" in self.granularities
+
+    def options(self) -> TranscriptionOptions:
+        if self.words and self.response_format is not ResponseFormat.verbose_json:
+            raise InvalidRequest("timestamp_granularities requires response_format=verbose_json", "timestamp_granularities")
+        return TranscriptionOptions(
+            task=self.task, language=self.language, prompt=self.prompt, temperature=self.temperature, word_timestamps=self.words
         )
-    options = TranscriptionOptions(
-        task=task, language=language, prompt=prompt, temperature=temperature, word_timestamps="word" in granularities
-    )
-    model_id, variant = service.resolve_model(model, variant)
-    request.state.model_labels = (model_id, variant)  # for the request metrics (app.metrics.RequestCounter)
-    outcome = await service.transcribe(file, model_id, variant, options, reference)
-    return render(outcome, response_format, granularities)
+
+
+async def _run(request: Request, service: TranscriptionService, form: AudioRequest) -> Response:
+    options = form.options()
+    ref = service.resolve_model(form.model, form.variant)
+    request.state.model_labels = (ref.model, str(ref.variant))  # for the request metrics (app.metrics.RequestCounter)
+    outcome = await service.transcribe(form.file, ref, options, form.reference)
+    return render(outcome, form.response_format, form.words)
 
 
 ModelField = Annotated[
@@ -70,13 +69,14 @@ ReferenceField = Annotated[
     str | None,
     Form(description="The expected transcript: the response then reports `wer` and `cer` (after Whisper's normalizers)."),
 ]
+Service = Annotated[TranscriptionService, Depends(get_service)]
 
 
-@router.post("/transcriptions")
+@router.post("/transcriptions", name="transcriptions")
 async def create_transcription(
     request: Request,
     file: Annotated[UploadFile, File(description="Audio: wav, flac, mp3, ogg/opus, webm, m4a, ...")],
-    service: Annotated[TranscriptionService, Depends(get_service)],
+    service: Service,
     model: ModelField = None,
     language: Annotated[str | None, Form(description="ISO-639-1 code; detected when absent.")] = None,
     prompt: PromptField = None,
@@ -86,17 +86,18 @@ async def create_transcription(
     variant: VariantField = None,
     reference: ReferenceField = None,
 ) -> Response:
-    return await _run(
-        request, service, "transcribe", file, model, language, prompt, response_format, temperature,
-        timestamp_granularities, variant, reference,
+    form = AudioRequest(
+        task="transcribe", file=file, model=model, variant=variant, language=language, prompt=prompt,
+        response_format=response_format, temperature=temperature, granularities=timestamp_granularities, reference=reference,
     )
+    return await _run(request, service, form)
 
 
-@router.post("/translations")
+@router.post("/translations", name="translations")
 async def create_translation(
     request: Request,
     file: Annotated[UploadFile, File(description="Audio in any language Whisper knows.")],
-    service: Annotated[TranscriptionService, Depends(get_service)],
+    service: Service,
     model: ModelField = None,
     prompt: PromptField = None,
     response_format: FormatField = ResponseFormat.json,
@@ -104,6 +105,8 @@ async def create_translation(
     variant: VariantField = None,
     reference: ReferenceField = None,
 ) -> Response:
-    return await _run(
-        request, service, "translate", file, model, None, prompt, response_format, temperature, ["segment"], variant, reference
+    form = AudioRequest(
+        task="translate", file=file, model=model, variant=variant, language=None, prompt=prompt,
+        response_format=response_format, temperature=temperature, granularities=["segment"], reference=reference,
     )
+    return await _run(request, service, form)

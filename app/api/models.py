@@ -7,7 +7,6 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 
 from app.dependencies import get_service
-from app.errors import APIError
 from app.service import TranscriptionService
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -31,5 +30,5 @@ async def list_models(service: Annotated[TranscriptionService, Depends(get_servi
 @router.get("/{model_id:path}")
 async def retrieve_model(model_id: str, service: Annotated[TranscriptionService, Depends(get_service)]) -> dict:
     if model_id not in service.model_ids():
-        raise APIError(404, f"model {model_id!r} does not exist; available: {', '.join(service.model_ids())}", "model_not_found", "model")
+        raise service.models.unknown(model_id)
     return _card(model_id, service)

@@ -21,6 +21,7 @@ from torch import Tensor
 from whisper.model import MultiHeadAttention, Whisper
 
 from optim.variants.modules import StaticKVCache, set_attention, use_variant_decoder
+from optim.variants.technique import Technique
 
 
 class FlashAttention(MultiHeadAttention):
@@ -66,3 +67,6 @@ def apply_flash(model: Whisper) -> Whisper:
     use_variant_decoder(model)
     model.__class__ = FlashWhisper
     return model
+
+
+TECHNIQUE = Technique("flash", apply_flash, stage=1, fused_attention=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from whisper.model import LayerNorm, Whisper
 
 from optim.variants.modules import use_variant_decoder
+from optim.variants.technique import Technique
 
 
 def apply_fp16(model: Whisper) -> Whisper:
@@ -25,3 +26,5 @@ def apply_fp16(model: Whisper) -> Whisper:
             parameter.data = parameter.data.half()
     return model
 
+
+TECHNIQUE = Technique("fp16", apply_fp16, stage=2, group="precision", half_precision=True, converts_weights=True)

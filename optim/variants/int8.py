@@ -21,12 +21,12 @@ import warnings
 
 import torch
 from torch import Tensor, nn
-from torch.ao.nn.quantized import dynamic as quantized
 from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 from whisper.model import Whisper
 
 from optim.memory import release_freed_memory
 from optim.variants.modules import use_variant_decoder
+from optim.variants.technique import Technique
 
 
 class Int8Embedding(nn.Module):
@@ -66,5 +66,4 @@ def apply_int8(model: Whisper) -> Whisper:
     return model
 
 
-def count_quantized_linears(model: nn.Module) -> int:
-    return sum(isinstance(m, quantized.Linear) for m in model.modules())
+TECHNIQUE = Technique("int8", apply_int8, stage=2, group="precision", devices=("cpu",))

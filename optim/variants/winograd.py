@@ -33,6 +33,8 @@ import torch
 from torch import Tensor, nn
 from whisper.model import Whisper
 
+from optim.variants.technique import Technique
+
 # Interpolation points in the order they are used: small integers first, then halves, which
 # keeps the transform constants, and so the rounding, as small as possible for each size.
 POINTS = tuple(Fraction(p) for p in (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2)))
@@ -169,3 +171,6 @@ def apply_winograd(model: Whisper, m: int = 4) -> Whisper:
     model.encoder.conv1 = WinogradConv1d(model.encoder.conv1, m)
     model.encoder.conv2 = WinogradConv1d(model.encoder.conv2, m)
     return model
+
+
+TECHNIQUE = Technique("winograd", apply_winograd, stage=1)

@@ -1,6 +1,6 @@
 """Measure the running service end to end, with openai-whisper itself as the anchor.
 
-    python -m optim.bench_service [--manifest ../shared/eval/en_read/manifest.jsonl] [--models tiny.en,base]
+    python -m benchmarks.service [--manifest ../shared/eval/en_read/manifest.jsonl] [--models tiny.en,base]
 
 Starts `python -m app` on a loopback port, and for each model measures: load time (from
 /ready), the latency of jfk.flac through the official `openai` SDK (median of 5 after a
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,55 +24,35 @@ from pathlib import Path
 import httpx
 import torch
 import whisper
-from jiwer import wer
 from openai import OpenAI
 from tqdm import tqdm
-from whisper.normalizers import EnglishTextNormalizer
 
-from app.audio import decode_audio
+from benchmarks.common import RESULTS, ROOT, machine_info
 from loadtest.server import free_port, wait_until_ready
+from optim.accuracy import corpus_wer
+from optim.audio import decode_audio
+from optim.evaluation import EVAL_DIR, read_manifest
 from optim.memory import rss_mb
 from optim.weights import load_whisper
 
-ROOT = Path(__file__).resolve().parent.parent
 JFK = ROOT / "tests" / "data" / "jfk.flac"
-
-
-def _machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "")
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "openai_whisper": whisper.__version__,
-    }
-
-
-
-
-def _corpus_wer(references: list[str], hypotheses: list[str]) -> float:
-    normalize = EnglishTextNormalizer()
-    return wer([normalize(r) for r in references], [normalize(h) or "<empty>" for h in hypotheses])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--manifest", type=Path, default=ROOT.parent / "shared" / "eval" / "en_read" / "manifest.jsonl")
+    parser.add_argument("--manifest", type=Path, default=EVAL_DIR / "en_read" / "manifest.jsonl")
     parser.add_argument("--models", default="tiny.en,base")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "service_baseline")
+    parser.add_argument("--out", type=Path, default=RESULTS / "service_baseline")
     args = parser.parse_args()
     models = args.models.split(",")
-    items = [json.loads(line) for line in args.manifest.read_text().splitlines()]
-    items = [i for i in items if i.get("text")]
+    items = [i for i in read_manifest(args.manifest) if i.get("text")]
     audio_seconds = sum(i["duration_s"] for i in items)
 
     port = free_port()
     env = {**os.environ, "PORT": str(port), "MODELS": args.models, "DEFAULT_MODEL": models[0], "LOG_LEVEL": "warning"}
     server = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env)
-    results: dict = {"machine": _machine(), "manifest": str(args.manifest), "clips": len(items), "audio_seconds": audio_seconds, "models": {}}
+    results: dict = {"machine": machine_info(), "manifest": str(args.manifest), "clips": len(items), "audio_seconds": audio_seconds, "models": {}}
     try:
         url = f"http://127.0.0.1:{port}"
         results["server_ready_seconds"] = round(wait_until_ready(url, server, None), 2)
@@ -97,7 +76,7 @@ def main() -> None:
                 with open(args.manifest.parent / item["audio"], "rb") as f:
                     hypotheses.append(client.audio.transcriptions.create(model=model, file=f, language="en").text)
             elapsed = time.perf_counter() - start
-            row["service_wer"] = round(100 * _corpus_wer([i["text"] for i in items], hypotheses), 2)
+            row["service_wer"] = round(100 * corpus_wer([i["text"] for i in items], hypotheses), 2)
             row["service_rtfx"] = round(audio_seconds / elapsed, 2)
             results["models"][model] = row
         results["server_rss_mb"], results["server_peak_rss_mb"] = (round(x, 1) for x in rss_mb(server.pid))
@@ -122,7 +101,7 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         row = results["models"][model]
         row["openai_whisper_jfk_latency_s"] = round(statistics.median(latencies[1:]), 3)
-        row["openai_whisper_wer"] = round(100 * _corpus_wer([i["text"] for i in items], hypotheses), 2)
+        row["openai_whisper_wer"] = round(100 * corpus_wer([i["text"] for i in items], hypotheses), 2)
         row["openai_whisper_rtfx"] = round(audio_seconds / elapsed, 2)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -134,8 +113,8 @@ def main() -> None:
 def _markdown(r: dict) -> str:
     m = r["machine"]
     lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-        f"openai-whisper {m['openai_whisper']}. Corpus: {r['clips']} clips, {r['audio_seconds']:.1f} s ({Path(r['manifest']).parent.name}).",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads), "
+        f"openai-whisper {m['versions']['openai-whisper']}. Corpus: {r['clips']} clips, {r['audio_seconds']:.1f} s ({Path(r['manifest']).parent.name}).",
         "",
         "| model | load (s) | jfk.flac latency, service (s) | jfk.flac, openai-whisper (s) | WER service | WER openai-whisper | RTFx service | RTFx openai-whisper |",
         "|---|---|---|---|---|---|---|---|",

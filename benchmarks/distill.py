@@ -1,4 +1,4 @@
-"""`python -m optim.bench_distill`: distilled students against their teachers, in one run.
+"""`python -m benchmarks.distill`: distilled students against their teachers, in one run.
 
 Per teacher (a student must exist: `python -m optim.distill --teacher T`) and variant (the
 teacher's and the student's, alone and with flash / int8+flash): WER and RTFx on en_read through
@@ -16,25 +16,26 @@ from pathlib import Path
 
 import torch
 
-from optim.bench import machine_info
-from optim.bench_context import CONFIGS, load_set, measure
+from benchmarks.common import RESULTS, machine_info
+from benchmarks.context import CONFIGS
 from optim.decoding import KVCache, decoder_hidden, encode, logits
-from optim.distill import EVAL_DIR
 from optim.engine import WhisperEngine
+from optim.evaluation import EVAL_DIR, audio_seconds, load_set, measure
 from optim.registry import build_variant
 from optim.student import load_student, student_path
+from optim.types import Variant
 
 VARIANTS = ("fp32", "flash", "int8+flash", "distilled", "distilled+flash", "distilled+int8+flash")
 STEPS = 100
 
 
-def decoder_seconds_per_token(model, steps: int = STEPS) -> float:
+def decoder_seconds_per_token(model, variant: Variant, steps: int = STEPS) -> float:
     """Greedy steps of the decoder alone (the encoder output is computed before the clock starts)."""
     with torch.inference_mode():
         audio = encode(model, torch.zeros(1, model.dims.n_mels, 3000))
         token = torch.tensor([[50257]])
         for timed in (False, True):  # a warm-up pass, then the measured one
-            cache = KVCache(model, 1, steps + 1, audio)
+            cache = KVCache(model, 1, steps + 1, audio, variant.fused_attention)
             start = time.perf_counter()
             x = token
             for _ in range(steps):
@@ -46,16 +47,16 @@ def decoder_seconds_per_token(model, steps: int = STEPS) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m optim.bench_distill", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.distill", description=__doc__.split("\n\n")[0])
     parser.add_argument("--teachers", default="tiny.en,base")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
     parser.add_argument("--eval-dir", type=Path, default=EVAL_DIR)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
     clips = load_set("en_read", args.eval_dir)
-    seconds = sum(len(a) for _, a, _ in clips) / 16_000
+    seconds = audio_seconds(clips)
     rows, students = [], {}
     for teacher in args.teachers.split(","):
         path = student_path(args.models_dir, teacher)
@@ -66,16 +67,16 @@ def main(argv: list[str] | None = None) -> int:
             {k: v for k, v in h.items() if k in ("epoch", "loss", "val_loss")} for h in students[teacher]["training"]["history"]
         ]
         engine = WhisperEngine({teacher: teacher}, models_dir=args.models_dir)
-        engine.load(teacher)
         try:
-            for variant in args.variants.split(","):
-                figures = measure(engine, teacher, variant, CONFIGS["batched+dynamic"], clips)
-                model = build_variant(engine.source(teacher, variant), variant)
+            for name in args.variants.split(","):
+                ref = engine.models.ref(teacher, engine.models.variant(name))
+                figures = measure(engine, ref, CONFIGS["batched+dynamic"], clips)
+                model = build_variant(engine.models.source(ref), ref.variant)
                 row = {
                     "model": teacher,
-                    "variant": variant,
+                    "variant": str(ref.variant),
                     **figures,
-                    "decoder_ms_per_token": round(1000 * decoder_seconds_per_token(model), 2),
+                    "decoder_ms_per_token": round(1000 * decoder_seconds_per_token(model, ref.variant), 2),
                     "decoder_layers": model.dims.n_text_layer,
                 }
                 rows.append(row)

@@ -1,6 +1,6 @@
 """Benchmark every model × variant against openai-whisper and faster-whisper, in one run.
 
-    python -m optim.bench [--manifest ../shared/eval/en_read/manifest.jsonl]
+    python -m benchmarks.variants [--manifest ../shared/eval/en_read/manifest.jsonl]
                           [--models tiny.en,base] [--variants fp32,fp16,int8,winograd,flash,int8+flash]
                           [--out benchmarks/variants]
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,10 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import RESULTS, ROOT, machine_info
+from optim.evaluation import EVAL_DIR, read_manifest
 from optim.memory import release_freed_memory, rss_mb
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MANIFEST = ROOT.parent / "shared" / "eval" / "en_read" / "manifest.jsonl"
+DEFAULT_MANIFEST = EVAL_DIR / "en_read" / "manifest.jsonl"
 DEFAULT_VARIANTS = "fp32,fp16,int8,winograd,flash,int8+flash,int8+winograd+flash"
 ANCHORS = ("openai-whisper", "faster-whisper:float32", "faster-whisper:int8")
 
@@ -61,12 +61,12 @@ def _load_transcriber(model_name: str, engine: str, workdir: Path):
     import torch
     import whisper
 
-    from optim.registry import build_variant
+    from optim.registry import build_variant, parse_variant
     from optim.variants.modules import nbytes
     from optim.weights import load_whisper
 
     source = load_whisper(model_name)
-    model = source if engine == "openai-whisper" else build_variant(source, engine, in_place=True)
+    model = source if engine == "openai-whisper" else build_variant(source, parse_variant(engine), in_place=True)
     del source
     release_freed_memory()
 
@@ -82,15 +82,14 @@ def _load_transcriber(model_name: str, engine: str, workdir: Path):
 
 def run_configuration(model_name: str, engine: str, manifest: Path, workdir: Path) -> dict:
     import torch
-    from jiwer import cer, wer
+    from jiwer import cer
     from tqdm import tqdm
-    from whisper.normalizers import EnglishTextNormalizer
 
-    from app.audio import decode_audio
+    from optim.accuracy import corpus_wer, normalizer
+    from optim.audio import SAMPLE_RATE, decode_audio
 
     torch.set_num_threads(os.cpu_count() or 1)
-    items = [json.loads(line) for line in manifest.read_text().splitlines()]
-    items = [i for i in items if i.get("text")]
+    items = [i for i in read_manifest(manifest) if i.get("text")]
     audio = [decode_audio((manifest.parent / i["audio"]).read_bytes()).samples for i in items]
 
     start = time.perf_counter()
@@ -105,10 +104,9 @@ def run_configuration(model_name: str, engine: str, manifest: Path, workdir: Pat
         hypotheses.append(transcribe(samples))
         latencies.append(time.perf_counter() - start)
 
-    normalize = EnglishTextNormalizer()
-    references = [normalize(i["text"]) for i in items]
-    hypotheses_normalized = [normalize(h) or "<empty>" for h in hypotheses]
-    audio_seconds = sum(len(a) for a in audio) / 16_000
+    normalize = normalizer("en")
+    references = [i["text"] for i in items]
+    audio_seconds = sum(len(a) for a in audio) / SAMPLE_RATE
     return {
         "model": model_name,
         "engine": engine,
@@ -118,8 +116,8 @@ def run_configuration(model_name: str, engine: str, manifest: Path, workdir: Pat
         "rtfx": round(audio_seconds / sum(latencies), 2),
         "latency_p50_s": round(statistics.median(latencies), 3),
         "latency_p95_s": round(float(np.percentile(latencies, 95)), 3),
-        "wer": round(100 * wer(references, hypotheses_normalized), 2),
-        "cer": round(100 * cer(references, hypotheses_normalized), 2),
+        "wer": round(100 * corpus_wer(references, hypotheses), 2),
+        "cer": round(100 * cer([normalize(r) for r in references], [normalize(h) or "<empty>" for h in hypotheses]), 2),
         "load_seconds": round(load_seconds, 2),
         "weights_mb": None if weight_bytes is None else round(weight_bytes / 2**20, 1),
         "rss_steady_mb": round(steady_mb, 1),
@@ -131,35 +129,13 @@ def run_configuration(model_name: str, engine: str, manifest: Path, workdir: Pat
 # ------------------------------------------------------------------------------ the whole run
 
 
-def machine_info() -> dict:
-    import torch
-    import whisper
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "")
-    flags = next((ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), [])
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "openai-whisper": whisper.__version__}
-    for package in ("faster_whisper", "ctranslate2"):
-        try:
-            versions[package] = __import__(package).__version__
-        except ImportError:
-            pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags],
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "versions": versions,
-        "date": time.strftime("%Y-%m-%d"),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
     parser.add_argument("--models", default="tiny.en,base")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS)
     parser.add_argument("--no-anchors", action="store_true", help="skip openai-whisper and faster-whisper")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "variants")
+    parser.add_argument("--out", type=Path, default=RESULTS / "variants")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration
     args = parser.parse_args()
 
@@ -176,7 +152,7 @@ def main() -> None:
     rows = []
     for model_name, engine in tqdm(configurations, desc="configurations"):
         worker = subprocess.run(
-            [sys.executable, "-m", "optim.bench", "--manifest", str(args.manifest), "--worker", f"{model_name}|{engine}"],
+            [sys.executable, "-m", "benchmarks.variants", "--manifest", str(args.manifest), "--worker", f"{model_name}|{engine}"],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,

@@ -1,23 +1,14 @@
-"""The scheduler between HTTP and the engine: requests become windows, windows of all waiting
-requests become batches, and batch results are put back together per request.
+"""The scheduler between the shell and the engine: requests become windows, windows of all
+waiting requests become batches, and batch results are put back together per request.
 
 Stages of one request: admit (or refuse: queue full) → cut into windows (engine) → wait in the
-queue of its (model, variant, task) → run in a batch → a window whose result is not final goes
+queue of its (model reference, task) → run in a batch → a window whose result is not final goes
 back to the queue (full context, or hotter), and so does the rest of a window the model
 stopped short of (as openai-whisper's transcribe() seeks) → when every window is final, assemble.
 
-How a batch is chosen, each time a model's worker is free:
-
-* the *seed* is, among the windows that have waited past `max_wait` (else, among the queues
-  that already hold a full batch), the one of highest priority; otherwise the worker waits for
-  more windows or the next deadline. Priority is fair queueing: a window's enqueue time plus
-  the compute its request has already had (windows served × seconds per window), so a short
-  request is not held behind every window of a long file, and the long file still advances;
-* the batch is filled from the seed's queue with the windows closest to it in duration
-  (`duration` policy) or in arrival order (`fifo`, the baseline), up to `max_batch_size`
-  windows and `max_batch_audio` seconds of padded audio (rows × longest).
-
-With `max_batch_size=1` nothing waits: every window runs alone (batching off).
+Which windows run together is the batching policy's choice (optim/scheduler/policy.py), asked
+each time a model's worker is free. With `max_batch_size=1` nothing waits: every window runs
+alone (batching off).
 """
 
 from __future__ import annotations
@@ -28,24 +19,20 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
-from whisper.audio import SAMPLE_RATE
 
+from optim.audio import SAMPLE_RATE
 from optim.decoding import BatchStats
-from optim.engine import Task, Transcript, TranscriptionOptions, WhisperEngine, Window, WindowResult, assemble
+from optim.engine import WhisperEngine, assemble
+from optim.errors import QueueFull
+from optim.scheduler.policy import POLICIES, Limits, PolicyName
+from optim.types import ModelRef, Task, Timing, Transcript, TranscriptionOptions, Window, WindowResult
 
 log = logging.getLogger(__name__)
 
-Policy = Literal["duration", "fifo"]
-QueueKey = tuple[str, str, Task]  # model, variant, task: windows that can share a forward pass
-
-
-class QueueFull(Exception):
-    def __init__(self, retry_after: int):
-        super().__init__(f"the server is at its queue limit; retry in {retry_after} s")
-        self.retry_after = retry_after
+QueueKey = tuple[ModelRef, Task]  # windows that can share a forward pass
 
 
 @dataclass
@@ -65,13 +52,19 @@ class _Request:
 
 @dataclass(eq=False)  # compared by identity
 class _Pending:
+    """A queued window (the policy's `Waiting`)."""
+
     request: _Request
     window: Window
     enqueued: float
 
     @property
     def padded_seconds(self) -> float:
-        return 30.0 if self.window.full_context else self.window.duration
+        return self.window.padded_seconds
+
+    @property
+    def served(self) -> int:
+        return self.request.served
 
 
 @dataclass
@@ -80,15 +73,20 @@ class SchedulerConfig:
     max_wait: float = 0.05  # seconds a window may wait for others before a partial batch runs
     max_batch_audio: float = 240.0  # seconds of padded audio per batch (rows × longest window)
     max_queue: int = 64  # requests admitted (waiting or running); past it: QueueFull
-    policy: Policy = "duration"
+    policy: PolicyName = "duration"
     shorten_context: bool = False  # encoder over the batch's longest window, not always 30 s
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_batch_size, self.max_wait, self.max_batch_audio)
 
 
 class Scheduler:
     def __init__(self, engine: WhisperEngine, config: SchedulerConfig, on_batch: Callable[..., None] | None = None):
         self.engine = engine
         self.config = config
-        self.on_batch = on_batch  # (model, variant, BatchStats, seconds): for metrics
+        self.policy = POLICIES[config.policy]()
+        self.on_batch = on_batch  # (ModelRef, BatchStats, seconds): for metrics
         self._queues: dict[QueueKey, list[_Pending]] = defaultdict(list)
         self._admitted = 0
         self._wakeups: dict[str, asyncio.Event] = {}
@@ -103,8 +101,8 @@ class Scheduler:
     def waiting_windows(self) -> dict[str, int]:
         """Windows waiting for a batch, per model."""
         per_model: dict[str, int] = defaultdict(int)
-        for (model_id, _, _), queue in list(self._queues.items()):
-            per_model[model_id] += len(queue)
+        for (ref, _), queue in list(self._queues.items()):
+            per_model[ref.model] += len(queue)
         return dict(per_model)
 
     @property
@@ -112,45 +110,42 @@ class Scheduler:
         """Requests admitted and not yet answered (waiting or running)."""
         return self._admitted
 
-    async def transcribe(self, model_id: str, variant: str, samples: np.ndarray, options: TranscriptionOptions) -> Transcript:
+    async def transcribe(self, ref: ModelRef, samples: np.ndarray, options: TranscriptionOptions) -> tuple[Transcript, Timing]:
+        """The transcript of `samples`, and how its windows were scheduled."""
         if self._admitted >= self.config.max_queue:
             raise QueueFull(self._retry_after())
         self._admitted += 1
         try:
-            return await self._transcribe(model_id, variant, samples, options)
+            return await self._transcribe(ref, samples, options)
         finally:
             self._admitted -= 1
 
-    async def _transcribe(self, model_id: str, variant: str, samples: np.ndarray, options: TranscriptionOptions) -> Transcript:
+    async def _transcribe(self, ref: ModelRef, samples: np.ndarray, options: TranscriptionOptions) -> tuple[Transcript, Timing]:
         arrived = time.perf_counter()
-        await self.engine.ensure_loaded(model_id, variant, options)
+        await self.engine.ensure_loaded(ref, options)
         duration = len(samples) / SAMPLE_RATE
         if self.engine.is_silent(samples):
-            return assemble(model_id, variant, options.task, duration, [])
-        windows = await asyncio.to_thread(self.engine.windows, model_id, samples, options)
+            return assemble(ref, options.task, duration, []), Timing()
+        windows = await asyncio.to_thread(self.engine.windows, ref, samples, options)
         loop = asyncio.get_running_loop()
-        request = _Request((model_id, variant, options.task), duration, arrived, len(windows), loop.create_future())
+        request = _Request((ref, options.task), duration, arrived, len(windows), loop.create_future())
         now = time.perf_counter()
         self._queues[request.key] += [_Pending(request, w, now) for w in windows]
-        self._wake(model_id)
+        self._wake(ref.model)
         try:
             await request.done
         except asyncio.CancelledError:  # client gone: its windows leave the queue
             self._queues[request.key] = [p for p in self._queues[request.key] if p.request is not request]
             raise
         finished = time.perf_counter()
-        return assemble(
-            model_id,
-            variant,
-            options.task,
-            duration,
-            sorted(request.results, key=lambda r: r.offset),
+        timing = Timing(
             queue_seconds=request.first_dispatch - arrived,
-            processing_seconds=finished - request.first_dispatch,
+            compute_seconds=finished - request.first_dispatch,
             batch_size=float(np.mean(request.batch_sizes)),
             encoder_padding=float(np.mean(request.encoder_padding)),
             decoder_padding=float(np.mean(request.decoder_padding)),
         )
+        return assemble(ref, options.task, duration, sorted(request.results, key=lambda r: r.offset)), timing
 
     def _retry_after(self) -> int:
         return max(1, math.ceil(self.queued_windows * self._seconds_per_window))
@@ -168,37 +163,13 @@ class Scheduler:
         await asyncio.gather(*self._workers.values(), return_exceptions=True)
 
     def choose(self, model_id: str, now: float) -> tuple[list[_Pending], float | None]:
-        """The next batch for a model's worker, or ([], seconds to wait) when it should wait
+        """The policy's next batch for a model's worker, or ([], seconds to wait) when it should wait
         for more windows (None: nothing is queued)."""
-        for key in [k for k in self._queues if k[0] == model_id]:  # drop windows of failed requests
+        for key in [k for k in self._queues if k[0].model == model_id]:  # drop windows of failed requests
             self._queues[key] = [p for p in self._queues[key] if not p.request.done.done()]
-        queues = {k: q for k, q in self._queues.items() if k[0] == model_id and q}
-        pending = [p for q in queues.values() for p in q]
-        if not pending:
-            return [], None
-        cfg = self.config
-        overdue = [p for p in pending if now - p.enqueued >= cfg.max_wait]
-        full = [p for q in queues.values() if len(q) >= cfg.max_batch_size for p in q]
-        if not (overdue or full):
-            return [], max(0.0, min(p.enqueued for p in pending) + cfg.max_wait - now)
-        if cfg.policy == "fifo":
-            order = lambda p: p.enqueued  # noqa: E731
-        else:
-            order = lambda p: p.enqueued + p.request.served * self._seconds_per_window  # noqa: E731
-        seed = min(overdue or full, key=order)
-        candidates = [p for p in queues[seed.request.key] if p is not seed]
-        if cfg.policy == "fifo":
-            candidates.sort(key=order)
-        else:
-            candidates.sort(key=lambda p: (abs(p.padded_seconds - seed.padded_seconds), order(p)))
-        batch, longest = [seed], seed.padded_seconds
-        for p in candidates:
-            if len(batch) >= cfg.max_batch_size:
-                break
-            if (len(batch) + 1) * max(longest, p.padded_seconds) <= cfg.max_batch_audio:
-                batch.append(p)
-                longest = max(longest, p.padded_seconds)
-        return batch, 0.0
+        queues = {k: q for k, q in self._queues.items() if k[0].model == model_id}
+        choice = self.policy.choose(queues, now, self.config.limits, self._seconds_per_window)
+        return choice.batch, choice.wait
 
     async def _worker(self, model_id: str) -> None:
         wakeup = self._wakeups[model_id]
@@ -222,7 +193,7 @@ class Scheduler:
                     p.request.first_dispatch = started
             try:
                 results, stats = await loop.run_in_executor(
-                    self.engine.executor(model_id),
+                    self.engine.models.executor(model_id),
                     self.engine.run_batch,
                     *key,
                     [p.window for p in batch],
@@ -237,7 +208,7 @@ class Scheduler:
             seconds = time.perf_counter() - started
             self._seconds_per_window = 0.8 * self._seconds_per_window + 0.2 * seconds / len(batch)
             if self.on_batch:
-                self.on_batch(model_id, key[1], stats, seconds)
+                self.on_batch(key[0], stats, seconds)
             self._deliver(batch, results, stats)
 
     def _deliver(self, batch: list[_Pending], results: list[WindowResult], stats: BatchStats) -> None:

@@ -9,34 +9,12 @@ from dataclasses import dataclass
 
 import av
 import numpy as np
+import whisper.audio
 
-SAMPLE_RATE = 16_000  # what Whisper's feature extractor expects
+from optim.errors import AudioTooLong, CorruptAudio, EmptyAudio, UnsupportedAudio
 
-
-class AudioError(ValueError):
-    """Base class for audio the service cannot use; `code` is the OpenAI-style error code."""
-
-    code = "invalid_audio"
-
-
-class EmptyAudio(AudioError):
-    code = "empty_file"
-
-
-class UnsupportedAudio(AudioError):
-    """Not recognised as audio at all (a text file, random bytes, an image, ...)."""
-
-    code = "unsupported_audio_format"
-
-
-class CorruptAudio(AudioError):
-    """Recognised as an audio format, but decoding failed (truncated or damaged)."""
-
-    code = "invalid_audio"
-
-
-class AudioTooLong(AudioError):
-    code = "audio_too_long"
+# 16 kHz, what Whisper's feature extractor expects: the one sample rate of the whole service.
+SAMPLE_RATE: int = whisper.audio.SAMPLE_RATE
 
 
 @dataclass(frozen=True)
@@ -54,7 +32,7 @@ class Audio:
 def decode_audio(data: bytes, max_seconds: float | None = None) -> Audio:
     """Decode a whole audio file held in memory.
 
-    Raises an `AudioError` subclass for empty, non-audio, corrupt or too-long input. The
+    Raises an `AudioError` subclass (optim/errors.py) for empty, non-audio, corrupt or too-long input. The
     duration limit is enforced while decoding, so a very long file is rejected without
     holding all of its samples.
     """

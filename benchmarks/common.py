@@ -1,0 +1,35 @@
+"""What the benchmark commands share: where the repository is, and the machine a result was
+measured on (the load test's description plus what a model benchmark needs to be re-run)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import whisper
+
+from loadtest.report import machine_info as host_info
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks"
+
+
+def machine_info() -> dict:
+    """The host (CPU, cores, platform, Python) plus ISA flags, torch's threads, CUDA and the
+    versions of every engine measured, and the date."""
+    flags = next((ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), [])
+    versions = {"python": host_info()["python"], "torch": torch.__version__, "openai-whisper": whisper.__version__}
+    for package in ("faster_whisper", "ctranslate2"):
+        try:
+            versions[package] = __import__(package).__version__
+        except ImportError:
+            pass
+    return {
+        **host_info(),
+        "isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags],
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "versions": versions,
+        "date": time.strftime("%Y-%m-%d"),
+    }

@@ -1,0 +1,256 @@
+"""The models a server holds: which can be served, loading them (once, from any thread), their
+distilled students, their built variants, and one worker thread per model.
+
+This is also the one place where a request's model and variant names become a `ModelRef`
+(`ref()`): everything below works on that typed reference and never parses a name again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import whisper.timing
+from whisper.model import Whisper
+
+from optim.errors import ModelNotReady, UnknownModel, UnknownVariant, VariantUnavailable
+from optim.memory import release_freed_memory
+from optim.registry import BuiltVariant, VariantCache, all_variants, parse_variant, recommended
+from optim.student import load_student, share_with_teacher, student_path
+from optim.types import ModelRef, Variant
+from optim.weights import load_whisper
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    id: str
+    model: Whisper
+    device: str
+    load_seconds: float
+    # Inference runs here, off the event loop. One thread per model: on CPU torch already spreads
+    # one batch over all cores, and batches of one model must not overlap (word timing installs
+    # hooks on it).
+    executor: ThreadPoolExecutor
+
+    @property
+    def multilingual(self) -> bool:
+        return self.model.is_multilingual
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class ModelStore:
+    """Models by id, loaded on first use or at start-up (`load_startup`), and their variants."""
+
+    def __init__(
+        self,
+        sources: dict[str, str | Path],
+        device: str = "auto",
+        variants: list[str] | None = None,
+        variant_budget_bytes: int = 2**30,
+        variant_idle_ttl: float | None = None,
+        models_dir: Path | None = None,
+        default_variant: str = "auto",
+        startup: list[str] | None = None,
+        startup_variants: list[str] | None = None,
+    ):
+        self.sources = dict(sources)  # id -> bundled name or path; everything that can be served
+        self.device = resolve_device(device)
+        self.models_dir = models_dir  # where distilled students live (MODELS_DIR/distilled/<model>.pt)
+        valid = all_variants(self.device, distilled=True)
+        self.variants: list[Variant] = [parse_variant(v) for v in variants] if variants else valid
+        unavailable = [str(v) for v in self.variants if v not in valid]
+        if unavailable:
+            raise ValueError(f"variants {unavailable} are not available on {self.device}; available: {', '.join(map(str, valid))}")
+        self.default_variant = recommended(self.device) if default_variant == "auto" else self.variant(default_variant)
+        if self.default_variant not in self.variants:
+            raise ValueError(f"the default variant {self.default_variant} is not served")
+        self.variant_cache = VariantCache(variant_budget_bytes, variant_idle_ttl)
+        self._models: dict[str, LoadedModel] = {}
+        self._students: dict[str, Whisper] = {}
+        self._load_lock = threading.Lock()
+        self._errors: dict[str, str] = {}  # what failed to load ("model" or "model:variant") and why
+        self.startup = list(startup or [])  # loaded by load_startup; until then a request gets ModelNotReady
+        unknown = [m for m in self.startup if m not in self.sources]
+        if unknown:
+            raise ValueError(f"start-up models {unknown} are not served; served: {', '.join(self.sources)}")
+        self.startup_variants: list[ModelRef] = []  # built by load_startup, never evicted
+        for name in startup_variants or []:
+            model_id, _, variant = name.partition(":")
+            if model_id not in self.sources:
+                raise ValueError(f"start-up variant {name!r} names model {model_id!r}, which is not served")
+            self.startup_variants.append(self.ref(model_id, self.variant(variant) if variant else None, check_ready=False))
+
+    # ---------------------------------------------------------------- names → references
+    def variant(self, name: str) -> Variant:
+        """The served variant a name spells; UnknownVariant (listing the served ones) otherwise."""
+        valid = f"valid variants: {', '.join(map(str, self.variants))}"
+        try:
+            variant = parse_variant(name)
+        except UnknownVariant as e:
+            raise UnknownVariant(f"{e}; {valid}", "model") from e
+        if variant not in self.variants:
+            raise UnknownVariant(f"variant {name!r} is not served; {valid}", "model")
+        return variant
+
+    def ref(self, model_id: str, variant: Variant | None = None, check_ready: bool = True) -> ModelRef:
+        """The reference for a served model id and variant (None: the default variant):
+        UnknownModel, or ModelNotReady while a start-up model is still loading (or failed)."""
+        if model_id not in self.sources:
+            raise self.unknown(model_id)
+        chosen = self.default_variant if variant is None else variant
+        if check_ready and model_id in self.startup and model_id not in self._models:
+            reason = self._errors.get(model_id)
+            message = f"model {model_id!r} failed to load: {reason}" if reason else f"model {model_id!r} is still loading"
+            raise ModelNotReady(message, "model", retry_after=5)
+        return ModelRef(model_id, chosen)
+
+    def unknown(self, name: str) -> UnknownModel:
+        """The one answer to a name that is no model here."""
+        return UnknownModel(
+            f"model {name!r} does not exist; available: {', '.join(self.sources)} (optionally as model:variant; "
+            "GET /v1/models lists every name)",
+            "model",
+        )
+
+    # ---------------------------------------------------------------- loading
+    @property
+    def loaded(self) -> dict[str, LoadedModel]:
+        return dict(self._models)
+
+    @property
+    def load_errors(self) -> dict[str, str]:
+        return dict(self._errors)
+
+    def load(self, model_id: str) -> LoadedModel:
+        """Load (once) and return a model; safe to call from several threads."""
+        if model_id in self._models:
+            return self._models[model_id]
+        if model_id not in self.sources:
+            raise self.unknown(model_id)
+        with self._load_lock:
+            if model_id in self._models:
+                return self._models[model_id]
+            start = time.perf_counter()
+            try:
+                model = load_whisper(self.sources[model_id]).to(self.device)
+            except Exception as e:  # keep the reason for /ready and for requests
+                self._errors[model_id] = f"{type(e).__name__}: {e}"
+                raise
+            _warm_up_word_timing()
+            release_freed_memory()
+            loaded = LoadedModel(
+                id=model_id,
+                model=model,
+                device=self.device,
+                load_seconds=time.perf_counter() - start,
+                executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"whisper-{model_id}"),
+            )
+            self._models[model_id] = loaded
+            self._errors.pop(model_id, None)
+            log.info("loaded %s on %s in %.2f s", model_id, self.device, loaded.load_seconds)
+            return loaded
+
+    def load_startup(self) -> None:
+        """Load the start-up models and build the start-up variants; a failure is logged and kept
+        (`load_errors`, /ready), never raised: the other models still serve."""
+        for model_id in self.startup:
+            try:
+                self.load(model_id)
+            except Exception:
+                log.exception("could not load model %s", model_id)
+        for ref in self.startup_variants:
+            try:
+                self.preload_variant(ref)
+            except Exception as e:
+                self._errors[str(ref)] = f"{type(e).__name__}: {e}"
+                log.exception("could not build variant %s", ref)
+
+    def preload_variant(self, ref: ModelRef) -> None:
+        """Build a variant now and keep it regardless of budget and TTL."""
+        self.check_student(ref)
+        self.variant_cache.pinned.add(ref)
+        self.variant_cache.get(ref, self.source(ref))
+
+    @property
+    def ready(self) -> bool:
+        return all(m in self._models for m in self.startup) and all(self.variant_cache.is_built(r) for r in self.startup_variants)
+
+    def readiness(self) -> dict:
+        """What /ready reports: each start-up model and variant, load times and errors."""
+        errors = self.load_errors
+        loaded = self.loaded
+        return {
+            "status": "ready" if self.ready else "failed" if errors else "loading",
+            "models": {m: "loaded" if m in loaded else "failed" if m in errors else "loading" for m in self.startup},
+            "variants": {str(r): "built" if self.variant_cache.is_built(r) else "building" for r in self.startup_variants},
+            "load_seconds": {m: round(loaded[m].load_seconds, 2) for m in self.startup if m in loaded},
+            "errors": errors,
+        }
+
+    def executor(self, model_id: str) -> ThreadPoolExecutor:
+        return self._models[model_id].executor
+
+    def close(self) -> None:
+        for loaded in self._models.values():
+            loaded.executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---------------------------------------------------------------- distilled students
+    def student_file(self, model_id: str) -> Path | None:
+        """The student checkpoint of `model_id`, if one was built (python -m optim.distill)."""
+        path = student_path(self.models_dir, model_id) if self.models_dir is not None else None
+        return path if path is not None and path.is_file() else None
+
+    def check_student(self, ref: ModelRef) -> None:
+        """VariantUnavailable for a distilled variant whose student was never built."""
+        if ref.variant.distilled and ref.model not in self._students and self.student_file(ref.model) is None:
+            where = student_path(self.models_dir or Path("models"), ref.model)
+            raise VariantUnavailable(
+                f"variant {str(ref.variant)!r} needs a distilled student of {ref.model!r} at {where}, and there is none; "
+                f"build it with `python -m optim.distill --teacher {ref.model}`",
+                "model",
+            )
+
+    def source(self, ref: ModelRef) -> Whisper:
+        """What a variant is built from: the loaded model, or for `distilled` its student (loaded once)."""
+        teacher = self.load(ref.model).model
+        if not ref.variant.distilled:
+            return teacher
+        with self._load_lock:
+            if ref.model not in self._students:
+                student, record = load_student(self.student_file(ref.model))
+                if record.get("teacher") not in (None, ref.model):
+                    log.warning("student of %s was distilled from %s", ref.model, record.get("teacher"))
+                student = student.to(self.device)
+                shared = share_with_teacher(student, teacher)  # its frozen encoder and embeddings
+                log.info("loaded the distilled student of %s (%.0f MB shared with it)", ref.model, shared / 2**20)
+                self._students[ref.model] = student
+            return self._students[ref.model]
+
+    def built(self, ref: ModelRef) -> BuiltVariant:
+        """The variant ready to run, built on first use; idle variants expire meanwhile."""
+        built = self.variant_cache.get(ref, self.source(ref))
+        self.variant_cache.expire_idle()
+        return built
+
+
+_word_timing_ready = False
+
+
+def _warm_up_word_timing() -> None:
+    """Compile openai-whisper's numba DTW once at load time, not inside the first request."""
+    global _word_timing_ready
+    if not _word_timing_ready:
+        whisper.timing.dtw(torch.rand(8, 12))
+        _word_timing_ready = True

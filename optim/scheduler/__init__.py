@@ -1,0 +1,6 @@
+"""Admission, batching across requests, and reassembly (core.py); which windows run together is
+the pure policy in policy.py."""
+
+from optim.scheduler.core import Scheduler, SchedulerConfig
+
+__all__ = ["Scheduler", "SchedulerConfig"]
