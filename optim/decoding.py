@@ -10,7 +10,8 @@ encoder always sees 30 s, and a finished row keeps being fed until the longest o
 * cross-attention keys/values are computed once per batch and shared by language detection
   and decoding;
 * a row leaves the batch as soon as it emits end-of-text, so finished rows cost nothing;
-* each row has its own temperature (0 = greedy), so fallback re-decodes join any batch.
+* each row has its own temperature (0 = greedy), so fallback re-decodes join any batch, and its
+  own seeded sampler, so what a hot row draws does not depend on what shares its batch.
 
 The logit rules are openai-whisper's own (`SuppressBlank`, `SuppressTokens`,
 `ApplyTimestampRules`), applied to the sampled tokens only. With a shortened audio context
@@ -51,6 +52,7 @@ class WindowInput:
     prompt: list[int] = field(default_factory=list)  # text tokens of the prompt (already cut to fit)
     temperature: float = 0.0
     full_context: bool = False  # this row needs the 30-s encoder context
+    seed: int = 0  # of this row's own sampler (temperature > 0): its draws do not depend on its batch-mates
 
     @property
     def frames(self) -> int:
@@ -275,6 +277,7 @@ def decode_batch(
         ApplyTimestampRules(tokenizer, 0, round(MAX_INITIAL_TIMESTAMP / precision)),
     ]
     temperatures = torch.tensor([w.temperature for w in windows], device=device)
+    samplers = [torch.Generator(device=device).manual_seed(w.seed) if w.temperature > 0 else None for w in windows]
     durations = [w.frames / FRAMES_PER_SECOND for w in windows]
     budgets = [int(BUDGET_BASE_TOKENS + BUDGET_TOKENS_PER_SECOND * d) for d in durations]
     last_timestamp = torch.tensor([tokenizer.timestamp_begin + round(d / precision) for d in durations], device=device)
@@ -292,10 +295,10 @@ def decode_batch(
             rule.apply(scores, generated)
         logprobs = F.log_softmax(scores, dim=-1)
         chosen = scores.argmax(dim=-1)
-        hot = temperatures[active] > 0
-        if hot.any():
-            sampled_hot = torch.distributions.Categorical(logits=scores[hot] / temperatures[active][hot, None]).sample()
-            chosen[hot] = sampled_hot
+        for j, row in enumerate(active):
+            if samplers[row] is not None:
+                probabilities = F.softmax(scores[j] / temperatures[row], dim=-1)
+                chosen[j] = torch.multinomial(probabilities, 1, generator=samplers[row])[0]
         chosen_logprobs = logprobs[torch.arange(len(active)), chosen].tolist()
         finished = []
         for j, (row, token, lp) in enumerate(zip(active, chosen.tolist(), chosen_logprobs)):

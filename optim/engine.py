@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import struct
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -124,7 +126,7 @@ class WhisperEngine:
         built = self.models.built(ref)  # built on first use
         model, half = built.model, built.half_compute
         tokenizer = self.tokenizer(model, task)
-        inputs = [WindowInput(w.mel, w.language, w.prompt, w.temperature, w.full_context) for w in windows]
+        inputs = [WindowInput(w.mel, w.language, w.prompt, w.temperature, w.full_context, seed=_seed(w)) for w in windows]
         with torch.inference_mode():
             outputs, stats = decode_batch(
                 model, tokenizer, inputs, shorten_context, half=half, fused_attention=ref.variant.fused_attention
@@ -182,6 +184,12 @@ class WhisperEngine:
                 window, mel=window.mel[:, consumed:], offset=window.offset + consumed / 100, temperature=0.0 if window.fallback else window.temperature, full_context=False
             )
         return segments, rest
+
+
+def _seed(window: Window) -> int:
+    """A window's sampling seed: from where it starts and how hot it runs, so the same window
+    draws the same tokens in any batch and on every run."""
+    return zlib.crc32(struct.pack("<dd", window.offset, window.temperature))
 
 
 def assemble(ref: ModelRef, task: Task, duration: float, results: list[WindowResult]) -> Transcript:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from optim.accuracy import corpus_wer
 from optim.audio import SAMPLE_RATE, decode_audio
@@ -67,11 +66,15 @@ async def _transcribe_all(engine: WhisperEngine, ref: ModelRef, config: Schedule
         await scheduler.close()
 
 
+def transcribe_set(engine: WhisperEngine, ref: ModelRef, config: SchedulerConfig, clips: list[EvalClip]) -> tuple[list[str], float]:
+    """Every clip's text and the wall seconds it took, all submitted at once after a warm-up clip
+    (temperature fallback samples with a generator seeded per window: runs repeat themselves)."""
+    return asyncio.run(_transcribe_all(engine, ref, config, clips))
+
+
 def measure(engine: WhisperEngine, ref: ModelRef, config: SchedulerConfig, clips: list[EvalClip]) -> dict[str, float]:
-    """WER % (after Whisper's English normalizer) and RTFx of one model reference on a set's
-    clips, all submitted at once, the fallback sampling seeded."""
-    torch.manual_seed(0)  # temperature fallback samples
-    texts, seconds = asyncio.run(_transcribe_all(engine, ref, config, clips))
+    """WER % (after Whisper's English normalizer) and RTFx of one model reference on a set's clips."""
+    texts, seconds = transcribe_set(engine, ref, config, clips)
     return {
         "wer": round(100 * corpus_wer([c.text for c in clips], texts), 2),
         "rtfx": round(audio_seconds(clips) / seconds, 2),

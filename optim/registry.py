@@ -46,6 +46,16 @@ TECHNIQUES: tuple[Technique, ...] = (
 _BY_NAME = {t.name: t for t in TECHNIQUES}
 
 
+def register(technique: Technique) -> None:
+    """Add a technique at run time (a benchmark's baseline, an experiment), after the built-in
+    ones in name order. A technique that ships belongs in `TECHNIQUES` instead."""
+    global TECHNIQUES
+    if technique.name in _BY_NAME:
+        raise ValueError(f"technique {technique.name!r} is already registered")
+    TECHNIQUES = (*TECHNIQUES, technique)
+    _BY_NAME[technique.name] = technique
+
+
 def parse_variant(name: str) -> Variant:
     """The canonical variant a name spells, in any order or case; UnknownVariant if it spells none."""
     parts = [p.strip() for p in name.lower().split("+") if p.strip()]

@@ -9,12 +9,12 @@ import time
 import pytest
 import torch
 import whisper
-from torch.ao.nn.quantized import dynamic as quantized
 
 from optim.audio import decode_audio
 from optim.errors import UnknownVariant
 from optim.registry import VariantCache, all_variants, build_variant, parse_variant
 from optim.types import ModelRef
+from optim.variants.int8 import Int8Linear
 from optim.variants.modules import StaticKVCache, nbytes
 from tests.conftest import ENGLISH_READ, english_wer
 
@@ -99,12 +99,25 @@ def test_flash_static_cache_decodes_the_same_tokens(variants, mel, tiny_model):
     assert self_key.shape == (1, tiny_model.dims.n_text_ctx, tiny_model.dims.n_text_state)
 
 
+def test_int8_rows_do_not_depend_on_their_batch_mates(tiny_model):
+    """One activation scale per row: a row's output is bitwise the same alone or beside rows a
+    thousand times louder or quieter (fbgemm's own per-tensor scale changes it)."""
+    layer = tiny_model.decoder.blocks[0].mlp[0]
+    int8 = Int8Linear(layer.weight, layer.bias)
+    rows = torch.randn(6, 5, layer.in_features) * torch.logspace(-3, 3, 6)[:, None, None]
+    together = int8(rows)
+    assert all(torch.equal(together[i], int8(rows[i : i + 1])[0]) for i in range(len(rows)))
+    expected = layer(rows)
+    relative = (together - expected).norm(dim=-1) / expected.norm(dim=-1)
+    assert relative.max() < 0.03  # 7-bit activations relative to each row's peak, 8-bit weights
+
+
 def test_int8_quantizes_every_linear_and_shrinks_weights(variants, tiny_model):
     int8 = variants["int8"]
     linears = sum(isinstance(m, torch.nn.Linear) for m in tiny_model.modules())
     # every linear layer of the encoder and decoder, plus the (tied) output projection
-    assert sum(isinstance(m, quantized.Linear) for m in int8.modules()) == linears + 1 == 65
-    assert not any(type(m) is torch.nn.Linear for m in int8.modules())
+    assert sum(isinstance(m, Int8Linear) for m in int8.modules()) == linears + 1 == 65
+    assert not any(isinstance(m, torch.nn.Linear) for m in int8.modules())
     assert nbytes(int8) < 0.45 * nbytes(variants["fp32"])  # measured 61.9 MB vs 151.0 MB
     assert nbytes(variants["fp16"]) < 0.55 * nbytes(variants["fp32"])
 
