@@ -57,10 +57,6 @@ class WhisperEngine:
         self.models = sources if isinstance(sources, ModelStore) else ModelStore(sources, device, **store_options)
         self.silence_peak = silence_peak
 
-    @property
-    def device(self) -> str:
-        return self.models.device
-
     def close(self) -> None:
         self.models.close()
 

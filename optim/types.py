@@ -54,10 +54,6 @@ class Variant:
     def runs_on(self, device: str) -> bool:
         return all(device in t.devices for t in self.techniques)
 
-    def without_source(self) -> "Variant":
-        """The same transforms on the model itself (`distilled+int8` → `int8`)."""
-        return Variant(tuple(t for t in self.techniques if t.apply is not None))
-
 
 @dataclass(frozen=True)
 class ModelRef:
