@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     default_variant: str = Field(
         "auto",
         description="Variant used when a request names a model without one (`base` = `base:DEFAULT_VARIANT`); "
-        "`auto` is the recommended one for the device (CPU: flash, CUDA: fp16+flash).",
+        "`auto` is the recommended one for the device (CPU: int8+flash, CUDA: fp16+flash; `flash` is the exact one).",
     )
     variants: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Variants served, comma-separated (default: every valid combination)."

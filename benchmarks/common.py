@@ -8,8 +8,11 @@ from pathlib import Path
 
 import torch
 import whisper
+from whisper.model import Whisper
 
 from loadtest.report import machine_info as host_info
+from optim.decoding import KVCache, decoder_hidden, encode, logits
+from optim.types import Variant
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks"
@@ -33,3 +36,20 @@ def machine_info() -> dict:
         "versions": versions,
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def decoder_seconds_per_token(model: Whisper, variant: Variant, steps: int = 100) -> float:
+    """Greedy steps of the decoder alone (the encoder output is computed before the clock starts)."""
+    with torch.inference_mode():
+        audio = encode(model, torch.zeros(1, model.dims.n_mels, 3000))
+        token = torch.tensor([[50257]])
+        for timed in (False, True):  # a warm-up pass, then the measured one
+            cache = KVCache(model, 1, steps + 1, audio, variant.fused_attention)
+            start = time.perf_counter()
+            x = token
+            for _ in range(steps):
+                hidden = decoder_hidden(model, x, cache, torch.ones(1, dtype=torch.long))
+                x = logits(model, hidden[:, -1:]).argmax(-1)
+            if timed:
+                return (time.perf_counter() - start) / steps
+    raise AssertionError("unreachable")

@@ -11,41 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-import torch
-
-from benchmarks.common import RESULTS, machine_info
+from benchmarks.common import RESULTS, decoder_seconds_per_token, machine_info
 from benchmarks.context import CONFIGS
-from optim.decoding import KVCache, decoder_hidden, encode, logits
 from optim.engine import WhisperEngine
 from optim.evaluation import EVAL_DIR, audio_seconds, load_set, measure
 from optim.registry import build_variant
 from optim.student import load_student, student_path
-from optim.types import Variant
 
 VARIANTS = ("fp32", "flash", "int8+flash", "distilled", "distilled+flash", "distilled+int8+flash")
-STEPS = 100
-
-
-def decoder_seconds_per_token(model, variant: Variant, steps: int = STEPS) -> float:
-    """Greedy steps of the decoder alone (the encoder output is computed before the clock starts)."""
-    with torch.inference_mode():
-        audio = encode(model, torch.zeros(1, model.dims.n_mels, 3000))
-        token = torch.tensor([[50257]])
-        for timed in (False, True):  # a warm-up pass, then the measured one
-            cache = KVCache(model, 1, steps + 1, audio, variant.fused_attention)
-            start = time.perf_counter()
-            x = token
-            for _ in range(steps):
-                hidden = decoder_hidden(model, x, cache, torch.ones(1, dtype=torch.long))
-                x = logits(model, hidden[:, -1:]).argmax(-1)
-            if timed:
-                return (time.perf_counter() - start) / steps
-    raise AssertionError("unreachable")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.distill", description=__doc__.split("\n\n")[0])
     parser.add_argument("--teachers", default="tiny.en,base")

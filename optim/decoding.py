@@ -107,7 +107,19 @@ def audio_context(frames: list[int], shorten: bool, step: int = 500, minimum: in
 
 def encode(model: Whisper, mel: Tensor) -> Tensor:
     """The audio encoder over (batch, n_mels, frames) for any even `frames` ≤ 3000: openai-whisper's
-    forward with the positional embedding cut to the context instead of asserting 1500."""
+    forward with the positional embedding cut to the context instead of asserting 1500.
+
+    On CPU one window at a time: the same result (every layer is row- or window-local), 22 %
+    faster for int8 at batch 8 (4 % for float32), and a batch's working memory is one window's.
+    A whole batch's activations (8 × 1500 × 2048 floats, 98 MB for one of base's MLP layers) are
+    above glibc's mmap threshold, so each of them was fresh memory, page-faulted in and given
+    back at every layer; one window's (12 MB) are reused from the heap."""
+    if mel.device.type == "cpu" and mel.shape[0] > 1:
+        return torch.cat([_encode(model, window[None]) for window in mel])
+    return _encode(model, mel)
+
+
+def _encode(model: Whisper, mel: Tensor) -> Tensor:
     encoder = model.encoder
     if mel.shape[-1] == N_FRAMES:
         return encoder(mel)
@@ -143,11 +155,20 @@ class KVCache:
         probe.lengths = torch.zeros(len(rows), dtype=torch.long, device=rows.device)
         return probe
 
-    def keep(self, rows: Tensor) -> None:
-        """Drop finished rows (they stop costing work)."""
-        self.self_kv = [(k[rows], v[rows]) for k, v in self.self_kv]
-        self.cross_kv = [(k[rows], v[rows]) for k, v in self.cross_kv]
-        self.lengths = self.lengths[rows]
+    def keep(self, rows: list[int]) -> None:
+        """Drop finished rows (they stop costing work), in place: each kept row moves down into
+        the first free slot of the same buffers, and the buffers are cut to the rows kept. An
+        indexed copy (`k[rows]`) would hold a second set of every buffer while it is made: for 8
+        rows of 30-s windows the cross-attention keys/values alone are 295 MB (base)."""
+        for slot, row in enumerate(rows):  # rows ascending, so slot ≤ row: a row is read before it is overwritten
+            if slot != row:
+                for k, v in (*self.self_kv, *self.cross_kv):
+                    k[slot].copy_(k[row])
+                    v[slot].copy_(v[row])
+        n = len(rows)
+        self.self_kv = [(k[:n], v[:n]) for k, v in self.self_kv]
+        self.cross_kv = [(k[:n], v[:n]) for k, v in self.cross_kv]
+        self.lengths = self.lengths[torch.tensor(rows, device=self.lengths.device)]
 
 
 def _attend(attn: MultiHeadAttention, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, fused: bool) -> Tensor:
@@ -268,6 +289,7 @@ def decode_batch(
     audio = encode(model, mel)
 
     cache = KVCache(model, rows, max(len(w.prompt) + 1 for w in windows) + 3 + SAMPLE_LEN, audio, fused_attention)
+    del mel, audio  # the cross-attention keys/values are all the decoder needs of the audio
     languages, no_speech, next_logits = _prefill(model, tokenizer, windows, cache)
 
     precision = CHUNK_LENGTH / model.dims.n_audio_ctx  # 0.02 s per timestamp token
@@ -322,7 +344,7 @@ def decode_batch(
             if not keep:
                 break
             keep_index = torch.tensor(keep, device=device)
-            cache.keep(keep_index)
+            cache.keep(keep)
             generated, chosen = generated[keep_index], chosen[keep_index]
             active = [active[j] for j in keep]
         if step == SAMPLE_LEN - 1:

@@ -26,6 +26,7 @@ from optim import fallback
 from optim.audio import SAMPLE_RATE
 from optim.decoding import BatchStats, WindowInput, WindowOutput, decode_batch, split_segments
 from optim.errors import UnsupportedOption
+from optim.memory import limit_malloc_arenas
 from optim.models import LoadedModel, ModelStore
 from optim.types import ModelRef, Segment, Task, Transcript, TranscriptionOptions, Window, WindowResult, Word
 from optim.windows import split_at_pauses
@@ -54,6 +55,7 @@ class WhisperEngine:
         **store_options,
     ):
         """`sources` (id -> bundled name or path) with `device` and ModelStore's options, or a store."""
+        limit_malloc_arenas()
         self.models = sources if isinstance(sources, ModelStore) else ModelStore(sources, device, **store_options)
         self.silence_peak = silence_peak
 
@@ -91,13 +93,12 @@ class WhisperEngine:
         """A request's audio as independent ≤30-s windows cut at pauses, with its log-mel computed
         once over the whole audio (as openai-whisper's transcribe() does). CPU work: call off-loop."""
         loaded = self.models.loaded[ref.model]
-        model = loaded.model
-        mel = whisper.log_mel_spectrogram(torch.from_numpy(samples), model.dims.n_mels, padding=whisper.audio.N_SAMPLES)
+        mel = whisper.log_mel_spectrogram(torch.from_numpy(samples), loaded.dims.n_mels, padding=whisper.audio.N_SAMPLES)
         language = normalize_language(options.language) if loaded.multilingual else "en"
         prompt = []
         if options.prompt:
-            tokenizer = self.tokenizer(model, options.task)
-            prompt = tokenizer.encode(" " + options.prompt.strip())[-(model.dims.n_text_ctx // 2 - 1) :]
+            tokenizer = self.tokenizer(ref, options.task)
+            prompt = tokenizer.encode(" " + options.prompt.strip())[-(loaded.dims.n_text_ctx // 2 - 1) :]
         return [
             Window(
                 mel=mel[:, start // HOP_LENGTH : end // HOP_LENGTH].clone(),
@@ -111,8 +112,9 @@ class WhisperEngine:
             for start, end in split_at_pauses(samples)
         ]
 
-    def tokenizer(self, model: Whisper, task: Task) -> Tokenizer:
-        return get_tokenizer(model.is_multilingual, num_languages=model.num_languages, task=task)
+    def tokenizer(self, ref: ModelRef, task: Task) -> Tokenizer:
+        loaded = self.models.loaded[ref.model]
+        return get_tokenizer(loaded.multilingual, num_languages=loaded.num_languages, task=task)
 
     def run_batch(
         self, ref: ModelRef, task: Task, windows: list[Window], shorten_context: bool
@@ -121,7 +123,7 @@ class WhisperEngine:
         Each result is final, or names the window to decode again (optim/fallback.py)."""
         built = self.models.built(ref)  # built on first use
         model, half = built.model, built.half_compute
-        tokenizer = self.tokenizer(model, task)
+        tokenizer = self.tokenizer(ref, task)
         inputs = [WindowInput(w.mel, w.language, w.prompt, w.temperature, w.full_context, seed=_seed(w)) for w in windows]
         with torch.inference_mode():
             outputs, stats = decode_batch(

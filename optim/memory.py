@@ -21,3 +21,20 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
+
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas. By default every thread that allocates (the event loop, each
+    model's worker, the audio-decoding threads) may get an arena of its own, up to 8 per core,
+    and each keeps the memory freed in it. Measured on a `MODELS=base` server through two rounds
+    of the test clips at four clients: peak 858 → 766 MB and 823 → 714 MB held after, with one
+    arena; two keep most of that and leave the worker and the event loop apart. Call before
+    threads start allocating."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
+    except (OSError, AttributeError):  # not glibc
+        pass
+

@@ -1,6 +1,12 @@
 """The models a server holds: which can be served, loading them (once, from any thread), their
 distilled students, their built variants, and one worker thread per model.
 
+What stays in memory follows the default variant. A float one (`flash`) shares the float32
+model's weights, so that model is kept, and the other variants are built from it. One that holds
+its own weights (`int8`) is built at load time straight from the weights as stored (float16 for
+the bundled models), and no float32 copy is kept: a request for a float variant then reads its
+own float32 copy from disk, and the variant budget counts all of it.
+
 This is also the one place where a request's model and variant names become a `ModelRef`
 (`ref()`): everything below works on that typed reference and never parses a name again.
 """
@@ -15,8 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import whisper.timing
-from whisper.model import Whisper
+from whisper.model import ModelDimensions, Whisper
 
 from optim.errors import ModelNotReady, UnknownModel, UnknownVariant, VariantUnavailable
 from optim.memory import release_freed_memory
@@ -31,17 +36,24 @@ log = logging.getLogger(__name__)
 @dataclass
 class LoadedModel:
     id: str
-    model: Whisper
+    dims: ModelDimensions
     device: str
     load_seconds: float
     # Inference runs here, off the event loop. One thread per model: on CPU torch already spreads
     # one batch over all cores, and batches of one model must not overlap (word timing installs
     # hooks on it).
     executor: ThreadPoolExecutor
+    # The float32 model float variants share their weights with; None when the default variant
+    # holds its own weights (int8): nothing then keeps a float32 copy (module doc).
+    float_source: Whisper | None
 
     @property
-    def multilingual(self) -> bool:
-        return self.model.is_multilingual
+    def multilingual(self) -> bool:  # as openai-whisper's Whisper.is_multilingual
+        return self.dims.n_vocab >= 51865
+
+    @property
+    def num_languages(self) -> int:  # as Whisper.num_languages
+        return self.dims.n_vocab - 51765 - int(self.multilingual)
 
 
 def resolve_device(device: str) -> str:
@@ -143,20 +155,25 @@ class ModelStore:
             if model_id in self._models:
                 return self._models[model_id]
             start = time.perf_counter()
+            default = ModelRef(model_id, self.default_variant)
+            keep_float = not default.variant.own_weights
             try:
-                model = load_whisper(self.sources[model_id]).to(self.device)
+                model = self._read(model_id, float32=keep_float)
+                if not keep_float and not default.variant.distilled:  # the default, straight from the stored weights
+                    self.variant_cache.pinned.add(default)
+                    self.variant_cache.get(default, lambda: (model, True))
             except Exception as e:  # keep the reason for /ready and for requests
                 self._errors[model_id] = f"{type(e).__name__}: {e}"
                 raise
-            _warm_up_word_timing()
-            release_freed_memory()
             loaded = LoadedModel(
                 id=model_id,
-                model=model,
+                dims=model.dims,
                 device=self.device,
                 load_seconds=time.perf_counter() - start,
                 executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"whisper-{model_id}"),
+                float_source=model if keep_float else None,
             )
+            release_freed_memory()
             self._models[model_id] = loaded
             self._errors.pop(model_id, None)
             log.info("loaded %s on %s in %.2f s", model_id, self.device, loaded.load_seconds)
@@ -181,7 +198,7 @@ class ModelStore:
         """Build a variant now and keep it regardless of budget and TTL."""
         self.check_student(ref)
         self.variant_cache.pinned.add(ref)
-        self.variant_cache.get(ref, self.source(ref))
+        self.variant_cache.get(ref, lambda: self._source(ref))
 
     @property
     def ready(self) -> bool:
@@ -222,35 +239,38 @@ class ModelStore:
                 "model",
             )
 
+    def _read(self, model_id: str, float32: bool) -> Whisper:
+        """The model's weights from disk: float32, or as stored (for a variant with its own weights)."""
+        return load_whisper(self.sources[model_id], torch.float32 if float32 else None).to(self.device)
+
     def source(self, ref: ModelRef) -> Whisper:
-        """What a variant is built from: the loaded model, or for `distilled` its student (loaded once)."""
-        teacher = self.load(ref.model).model
+        """A model to build `ref`'s variant from (`build_variant`): see `_source`."""
+        return self._source(ref)[0]
+
+    def _source(self, ref: ModelRef) -> tuple[Whisper, bool]:
+        """What a variant is built from, and whether it is a private copy to transform in place:
+        the kept float32 model; else the weights read from disk for this variant alone; for
+        `distilled`, the student (loaded once, sharing the teacher's kept weights)."""
+        loaded = self.load(ref.model)
         if not ref.variant.distilled:
-            return teacher
+            if loaded.float_source is not None:
+                return loaded.float_source, False
+            return self._read(ref.model, float32=not ref.variant.own_weights), True
         with self._load_lock:
             if ref.model not in self._students:
                 student, record = load_student(self.student_file(ref.model))
                 if record.get("teacher") not in (None, ref.model):
                     log.warning("student of %s was distilled from %s", ref.model, record.get("teacher"))
                 student = student.to(self.device)
-                shared = share_with_teacher(student, teacher)  # its frozen encoder and embeddings
-                log.info("loaded the distilled student of %s (%.0f MB shared with it)", ref.model, shared / 2**20)
+                if loaded.float_source is not None:  # its frozen encoder and embeddings
+                    shared = share_with_teacher(student, loaded.float_source)
+                    log.info("loaded the distilled student of %s (%.0f MB shared with it)", ref.model, shared / 2**20)
                 self._students[ref.model] = student
-            return self._students[ref.model]
+            return self._students[ref.model], False
 
     def built(self, ref: ModelRef) -> BuiltVariant:
         """The variant ready to run, built on first use; idle variants expire meanwhile."""
-        built = self.variant_cache.get(ref, self.source(ref))
+        built = self.variant_cache.get(ref, lambda: self._source(ref))
         self.variant_cache.expire_idle()
         return built
 
-
-_word_timing_ready = False
-
-
-def _warm_up_word_timing() -> None:
-    """Compile openai-whisper's numba DTW once at load time, not inside the first request."""
-    global _word_timing_ready
-    if not _word_timing_ready:
-        whisper.timing.dtw(torch.rand(8, 12))
-        _word_timing_ready = True

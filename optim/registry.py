@@ -13,8 +13,9 @@ module in `optim/variants/` that declares itself (`TECHNIQUE`, see `optim/varian
 Adding a technique: write `optim/variants/<name>.py` with its transform and `TECHNIQUE`, and add
 it to `TECHNIQUES` (its position is where it goes in a name).
 
-Variants are built from the already-loaded float32 model (a deep copy, then transforms by
-stage), never re-read from disk, and kept under a memory budget and an idle TTL.
+Variants are built from the kept float32 model (a deep copy, then transforms by stage), or, for
+a model that keeps none, from a private copy read for the variant (optim/models.py), and kept
+under a memory budget and an idle TTL.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 from whisper.model import Whisper
 
@@ -93,11 +95,13 @@ def all_variants(device: str = "cpu", distilled: bool = False) -> list[Variant]:
 
 
 def recommended(device: str = "cpu") -> Variant:
-    """The fastest combination that keeps accuracy (benchmarks/variants.md). On CPU that is
-    `flash`: exact, 1.3× fp32. `int8+flash` is 2.8× but costs base 0.8 WER points, more than
-    the 0.5 we accept for a default (tiny.en loses nothing): clients ask for it by name. On
-    CUDA half precision with fused attention, openai-whisper's own choice there."""
-    return parse_variant("flash" if device == "cpu" else "fp16+flash")
+    """The default variant on a device. On CPU `int8+flash`: 2.1× fp32 and half the memory, with
+    one activation scale per row it keeps fp32's words on clean read speech and long form
+    (benchmarks/int8.md) and is batch-invariant, and a model served so is built straight from
+    its stored weights (optim/models.py). `flash` is the exact choice (fp32's words to float
+    rounding), by name or `DEFAULT_VARIANT=flash`. On CUDA half precision with fused attention,
+    openai-whisper's own choice there."""
+    return parse_variant("int8+flash" if device == "cpu" else "fp16+flash")
 
 
 def build_variant(model: Whisper, variant: Variant, in_place: bool = False) -> Whisper:
@@ -136,8 +140,8 @@ class BuiltVariant:
 class VariantCache:
     """Built variants by model reference, least recently used first out.
 
-    The budget counts the memory each variant adds: weights it shares with its float32 source
-    (always loaded) are not counted. A variant idle longer than `idle_ttl` seconds is dropped at the
+    The budget counts the memory each variant adds: weights it shares with a kept float32 source
+    are not counted; a variant built from a private copy counts all of its weights. A variant idle longer than `idle_ttl` seconds is dropped at the
     next use of the cache; `pinned` variants (preloaded by setting) are never dropped.
     """
 
@@ -149,8 +153,9 @@ class VariantCache:
         self._lock = threading.Lock()
         self._building: dict[ModelRef, threading.Lock] = {}
 
-    def get(self, key: ModelRef, source: Whisper) -> BuiltVariant:
-        """The built variant, building it from `source` on first use (one build per key)."""
+    def get(self, key: ModelRef, source: Callable[[], tuple[Whisper, bool]]) -> BuiltVariant:
+        """The built variant, building it on first use (one build per key) from `source()`: the
+        model to build from, and whether it is a private copy to transform in place."""
         with self._lock:
             built = self._built.get(key)
             if built is not None:
@@ -163,8 +168,10 @@ class VariantCache:
                 if key in self._built:
                     return self._built[key]
             start = time.perf_counter()
-            model = build_variant(source, key.variant)
-            own_bytes = nbytes(model, shared_with=source)  # what this variant adds to memory
+            base, private = source()
+            model = build_variant(base, key.variant, in_place=private)
+            own_bytes = nbytes(model, shared_with=None if private else base)  # what this variant adds to memory
+            del base
             built = BuiltVariant(key, model, time.perf_counter() - start, own_bytes, nbytes(model))
             with self._lock:
                 self._built[key] = built

@@ -51,6 +51,10 @@ class Variant:
     def converts_weights(self) -> bool:
         return any(t.converts_weights for t in self.techniques)
 
+    @property
+    def own_weights(self) -> bool:
+        return any(t.own_weights for t in self.techniques)
+
     def runs_on(self, device: str) -> bool:
         return all(device in t.devices for t in self.techniques)
 

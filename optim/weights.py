@@ -11,8 +11,10 @@ Four sources are understood:
   fine-tuned models, distil-whisper students (fewer decoder than encoder layers), fp16/bf16
   weights, 128 mel bins (large-v3); `save_hf_folder` writes one.
 
-The result is a float32 `whisper.model.Whisper` with its alignment heads set, so word-level
-timestamps work. See ../shared/WEIGHTS.md for the file layout and the name mapping.
+The result is a `whisper.model.Whisper` with its alignment heads set, so word-level
+timestamps work: float32, or with `dtype=None` in the file's own precision (the bundled models'
+float16), which a variant that converts every weight (`int8`) is built from without ever holding
+a float32 copy. See ../shared/WEIGHTS.md for the file layout and the name mapping.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 import whisper
 from torch import nn
-from whisper.model import AudioEncoder, ModelDimensions, TextDecoder, Whisper
+from whisper.model import AudioEncoder, Conv1d, LayerNorm, ModelDimensions, ResidualAttentionBlock, TextDecoder, Whisper
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +135,15 @@ class _ChainedReader:
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
 
 
-def read_ctranslate2(paths: Iterable[Path]) -> dict[str, torch.Tensor]:
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A floating tensor in `dtype` (None: as stored); other tensors (flags, counts) unchanged."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def read_ctranslate2(paths: Iterable[Path], dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
     """Parse a CTranslate2 model.bin (given as one or more consecutive parts).
 
-    Floating-point tensors come back as float32; aliases point to the same tensor.
+    Floating-point tensors come back as `dtype` (None: as stored); aliases point to the same tensor.
     """
     reader = _ChainedReader(paths)
     try:
@@ -167,11 +174,12 @@ def read_ctranslate2(paths: Iterable[Path]) -> dict[str, torch.Tensor]:
             dtype_id = u8()
             data = reader.read(u32())
             if _CT2_DTYPES[dtype_id] == "bfloat16":
-                tensor = torch.frombuffer(bytearray(data), dtype=torch.bfloat16).float()
+                tensor = _cast(torch.frombuffer(bytearray(data), dtype=torch.bfloat16), dtype)
             else:
                 array = np.frombuffer(data, dtype=_CT2_DTYPES[dtype_id])
                 # astype makes the one (writable) copy torch needs; integer flags are tiny
-                tensor = torch.from_numpy(array.astype(np.float32) if array.dtype.kind == "f" else array.copy())
+                numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype if dtype is not None else array.dtype
+                tensor = torch.from_numpy(array.astype(numpy_dtype) if array.dtype.kind == "f" else array.copy())
             variables[name] = tensor.reshape(shape)
         for _ in range(u32()):
             alias, target = string(), string()
@@ -260,19 +268,45 @@ def _instantiate(dims: ModelDimensions, state_dict: dict[str, torch.Tensor]) -> 
     Built on the meta device and filled with `assign=True`, so the weights exist once in
     memory instead of twice (a randomly initialised model plus the loaded copy).
     """
-    # Whisper.__init__ itself cannot run on the meta device (it makes a sparse tensor), so
-    # build its two halves the way it does, there.
-    model = Whisper.__new__(Whisper)
+    model = Whisper.__new__(Whisper)  # Whisper.__init__ itself makes a sparse tensor: not on meta
     nn.Module.__init__(model)
     model.dims = dims
-    with torch.device("meta"):
-        model.encoder = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer)
-        model.decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer)
+    model.encoder, model.decoder = _skeleton(dims)
     model.load_state_dict(state_dict, strict=True, assign=True)
     # the decoder's causal mask is not part of the state_dict: make it for real
     causal = torch.empty(dims.n_text_ctx, dims.n_text_ctx).fill_(-np.inf).triu_(1)
     model.decoder.register_buffer("mask", causal, persistent=False)
     return model  # the caller sets the alignment heads (also a non-persistent buffer)
+
+
+def _skeleton(dims: ModelDimensions) -> tuple[AudioEncoder, TextDecoder]:
+    """openai-whisper's encoder and decoder, with empty weights on the meta device.
+
+    Their own `__init__`s, as of openai-whisper 20250625, with three steps left out: the
+    encoder's sinusoids, the embedding's random init and the decoder's mask. On the meta device
+    those ops run through Python decompositions that import torch._dynamo and sympy, 80 MB of
+    resident memory for tensors the state_dict replaces anyway. `load_state_dict(strict=True)`
+    checks that the structure still matches.
+    """
+    d_audio, d_text = dims.n_audio_state, dims.n_text_state
+    with torch.device("meta"):
+        encoder = AudioEncoder.__new__(AudioEncoder)
+        nn.Module.__init__(encoder)
+        encoder.conv1 = Conv1d(dims.n_mels, d_audio, kernel_size=3, padding=1)
+        encoder.conv2 = Conv1d(d_audio, d_audio, kernel_size=3, stride=2, padding=1)
+        encoder.register_buffer("positional_embedding", torch.empty(dims.n_audio_ctx, d_audio))
+        encoder.blocks = nn.ModuleList(ResidualAttentionBlock(d_audio, dims.n_audio_head) for _ in range(dims.n_audio_layer))
+        encoder.ln_post = LayerNorm(d_audio)
+
+        decoder = TextDecoder.__new__(TextDecoder)
+        nn.Module.__init__(decoder)
+        decoder.token_embedding = nn.Embedding(dims.n_vocab, d_text, _weight=torch.empty(dims.n_vocab, d_text))
+        decoder.positional_embedding = nn.Parameter(torch.empty(dims.n_text_ctx, d_text))
+        decoder.blocks = nn.ModuleList(
+            ResidualAttentionBlock(d_text, dims.n_text_head, cross_attention=True) for _ in range(dims.n_text_layer)
+        )
+        decoder.ln = LayerNorm(d_text)
+    return encoder, decoder
 
 
 def _alignment_mask(dims: ModelDimensions, heads: list[list[int]]) -> torch.Tensor:
@@ -305,9 +339,9 @@ def _set_alignment_heads(model: Whisper, mask: torch.Tensor) -> None:
     model.register_buffer("alignment_heads", mask.to_sparse(), persistent=False)
 
 
-def load_ctranslate2(parts: list[Path], config_path: Path) -> Whisper:
-    """Build a float32 `Whisper` from CTranslate2 model.bin part(s) and its config.json."""
-    model = _instantiate(*ctranslate2_to_whisper(read_ctranslate2(parts)))
+def load_ctranslate2(parts: list[Path], config_path: Path, dtype: torch.dtype | None = torch.float32) -> Whisper:
+    """Build a `Whisper` (in `dtype`; None: as stored) from CTranslate2 model.bin part(s) and its config.json."""
+    model = _instantiate(*ctranslate2_to_whisper(read_ctranslate2(parts, dtype)))
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
     _set_configured_alignment_heads(model, config.get("alignment_heads"), config_path)
     return model.eval()
@@ -349,10 +383,10 @@ def _set_default_alignment_heads(model: Whisper) -> None:
         _set_alignment_heads(model, mask)
 
 
-def load_openai_checkpoint(path: Path) -> Whisper:
+def load_openai_checkpoint(path: Path, dtype: torch.dtype | None = torch.float32) -> Whisper:
     """Load a standard openai-whisper checkpoint (``dims`` + ``model_state_dict``)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state_dict = {k: t.float() for k, t in checkpoint["model_state_dict"].items()}
+    state_dict = {k: _cast(t, dtype) for k, t in checkpoint["model_state_dict"].items()}
     model = _instantiate(ModelDimensions(**checkpoint["dims"]), state_dict)
     _set_default_alignment_heads(model)
     return model.eval()
@@ -393,7 +427,7 @@ def hf_to_whisper(hf_state: dict[str, torch.Tensor], config: dict) -> tuple[Mode
     """Rename a transformers `WhisperForConditionalGeneration` state_dict to openai-whisper's.
 
     Encoder and decoder depths are independent (distil-whisper: 32 and 2), as are the mel bins
-    (128 for large-v3 and its students); tensors of any floating dtype come back as float32."""
+    (128 for large-v3 and its students); the tensors are kept as they come."""
     d_model = config["d_model"]
     ffn = {config.get("encoder_ffn_dim", 4 * d_model), config.get("decoder_ffn_dim", 4 * d_model)}
     if ffn != {4 * d_model} or config.get("scale_embedding") or config.get("activation_function", "gelu") != "gelu":
@@ -413,7 +447,7 @@ def hf_to_whisper(hf_state: dict[str, torch.Tensor], config: dict) -> tuple[Mode
         n_text_head=config["decoder_attention_heads"],
         n_text_layer=config["decoder_layers"],
     )
-    return dims, {hf_name_to_whisper(name): tensor.float() for name, tensor in hf_state.items()}
+    return dims, {hf_name_to_whisper(name): tensor for name, tensor in hf_state.items()}
 
 
 def hf_name_to_whisper(name: str) -> str:
@@ -425,9 +459,9 @@ def hf_name_to_whisper(name: str) -> str:
 _HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
-def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a transformers folder, as float32 one tensor at a time (an fp16 file's
-    peak memory is then the float32 model plus one tensor, not both whole copies)."""
+def _read_hf_weights(folder: Path, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+    """The tensors of a transformers folder, cast to `dtype` (None: as stored) one tensor at a
+    time (an fp16 file's peak memory is then the float32 model plus one tensor, not both copies)."""
     from safetensors import safe_open
 
     if (folder / "model.safetensors").is_file():
@@ -437,21 +471,21 @@ def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         files = [folder / name for name in sorted(set(weight_map.values()))]
     else:
         hf_state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        return {name: t.float() if t.is_floating_point() else t for name, t in hf_state.items()}
+        return {name: _cast(t, dtype) for name, t in hf_state.items()}
     state = {}
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 tensor = f.get_tensor(name)
-                state[name] = tensor.float() if tensor.is_floating_point() else tensor
+                state[name] = _cast(tensor, dtype)
     return state
 
 
-def load_hf_folder(folder: Path) -> Whisper:
+def load_hf_folder(folder: Path, dtype: torch.dtype | None = torch.float32) -> Whisper:
     """Load a Hugging Face Whisper folder: config.json and the weights (model.safetensors,
     sharded safetensors, or pytorch_model.bin); alignment heads from generation_config.json."""
     config = json.loads((folder / "config.json").read_text())
-    dims, state = hf_to_whisper(_read_hf_weights(folder), config)
+    dims, state = hf_to_whisper(_read_hf_weights(folder, dtype), config)
     model = _instantiate(dims, state)
     generation = folder / "generation_config.json"
     heads = json.loads(generation.read_text()).get("alignment_heads") if generation.is_file() else None
@@ -524,18 +558,18 @@ def _is_hf_folder(path: Path) -> bool:
 # One entry point
 
 
-def load_whisper(source: str | Path) -> Whisper:
+def load_whisper(source: str | Path, dtype: torch.dtype | None = torch.float32) -> Whisper:
     """Load a Whisper model from a bundled name, a ``.pt`` checkpoint, a CTranslate2 folder or a
-    Hugging Face (transformers) folder."""
+    Hugging Face (transformers) folder; its floating weights in `dtype`, or as stored (None)."""
     if isinstance(source, str) and source in BUNDLED_MODELS:
-        return load_ctranslate2(*bundled_model_files(source))
+        return load_ctranslate2(*bundled_model_files(source), dtype)
     path = Path(source)
     if path.is_file() and path.suffix in (".pt", ".pth"):
-        return load_openai_checkpoint(path)
+        return load_openai_checkpoint(path, dtype)
     if path.is_dir() and (path / "model.bin").is_file():
-        return load_ctranslate2([path / "model.bin"], path / "config.json")
+        return load_ctranslate2([path / "model.bin"], path / "config.json", dtype)
     if path.is_dir() and _is_hf_folder(path):
-        return load_hf_folder(path)
+        return load_hf_folder(path, dtype)
     raise FileNotFoundError(
         f"no Whisper model at {source!r}: expected one of {sorted(BUNDLED_MODELS)}, an openai-whisper "
         ".pt checkpoint, a CTranslate2 folder (model.bin) or a Hugging Face folder (model.safetensors)"

@@ -215,7 +215,7 @@ def test_variant_per_request(openai_client, http, clips):
     assert by_field.status_code == 200 and by_field.headers["x-model"] == "tiny.en:int8+flash"
     assert english_wer([clip.text], [by_field.json()["text"]]) <= 0.05
     default = post(http, clip.data, "jfk.flac", model="tiny.en")
-    assert default.headers["x-model"] == "tiny.en:flash"  # DEFAULT_VARIANT=auto on CPU
+    assert default.headers["x-model"] == "tiny.en:int8+flash"  # DEFAULT_VARIANT=auto on CPU
 
 
 def test_models_list_every_served_variant(http):

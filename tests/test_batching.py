@@ -200,7 +200,7 @@ def test_windows_cover_the_audio_and_cut_in_pauses():
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("clip_id", ["lj-LJ001-0001-0032-concat", "mfa-michaelandsickmichael"])
-def test_long_form_matches_openai_whisper_transcribe(engine, clips, clip_id):
+def test_long_form_matches_openai_whisper_transcribe(engine, clips, tiny_model, clip_id):
     """Independent windows cut at pauses, batched, against openai-whisper's sequential
     transcribe() on the same weights: within 1 WER point."""
     clip = clips[clip_id]
@@ -210,7 +210,7 @@ def test_long_form_matches_openai_whisper_transcribe(engine, clips, clip_id):
     assert max(b.batch_size for b in batches) > 1  # the file's windows ran together
     from optim.registry import build_variant
 
-    reference_model = build_variant(engine.models.loaded["tiny.en"].model, parse_variant("flash"))
+    reference_model = build_variant(tiny_model, parse_variant("flash"))
     torch.manual_seed(0)
     with torch.inference_mode():
         theirs = whisper.transcribe(reference_model, torch.from_numpy(samples), language="en", fp16=False, verbose=None)

@@ -16,6 +16,7 @@ from optim.registry import VariantCache, all_variants, build_variant, parse_vari
 from optim.types import ModelRef
 from optim.variants.int8 import Int8Linear
 from optim.variants.modules import StaticKVCache, nbytes
+from optim.weights import load_whisper
 from tests.conftest import ENGLISH_READ, english_wer
 
 SOT_NOTIMESTAMPS_AND_SO = [50257, 50362, 843, 523]  # tiny.en: <|startoftranscript|><|notimestamps|> And so
@@ -77,9 +78,11 @@ def reference_texts(variants) -> list[str]:
 @pytest.mark.parametrize("name", ["flash", "winograd", "fp16", "int8", "int8+flash"])
 def test_same_words_on_clean_speech(variants, reference_texts, name):
     ours = _transcribe_clean_speech(variants[name])
-    # WER of the variant's transcript against the fp32 transcript: the same words, up to
-    # one word in these 116 for the inexact int8 (0.9 points; the corpus figure is in benchmarks/)
-    allowed = 0.0 if name in EXACT_TOLERANCE else 1 / 116 + 1e-9
+    # WER of the variant's transcript against the fp32 transcript: the same words for the exact
+    # rewrites; for the inexact int8 up to two edits in these 117 words (1.7 points), because a
+    # last-bit change (a fused multiply-add in the bias) already turns "wood cutters" into
+    # "woodcutters", two edits. The corpus figures against fp32 are in benchmarks/int8.md.
+    allowed = 0.0 if name in EXACT_TOLERANCE else 2 / 117 + 1e-9
     assert english_wer(reference_texts, ours) <= allowed, list(zip(reference_texts, ours))
 
 
@@ -153,21 +156,47 @@ def ref(variant: str) -> ModelRef:
 def test_variant_cache_budget_ttl_and_pinning(tiny_model):
     fp16_bytes = nbytes(build_variant(tiny_model, parse_variant("fp16")), shared_with=tiny_model)
     cache = VariantCache(budget_bytes=int(fp16_bytes * 1.5), idle_ttl=None)
-    first = cache.get(ref("fp16"), tiny_model)
-    assert cache.get(ref("fp16"), tiny_model) is first  # built once
+    shared = lambda: (tiny_model, False)  # noqa: E731  (the kept float32 model, shared, not transformed)
+    first = cache.get(ref("fp16"), shared)
+    assert cache.get(ref("fp16"), shared) is first  # built once
     assert first.nbytes == fp16_bytes
-    cache.get(ref("fp16+flash"), tiny_model)  # two fp16 copies exceed 1.5× → LRU out
+    cache.get(ref("fp16+flash"), shared)  # two fp16 copies exceed 1.5× → LRU out
     assert [b.ref.variant.name for b in cache.built()] == ["fp16+flash"]
-    cache.get(ref("flash"), tiny_model)  # shares the source's weights: costs nothing
+    cache.get(ref("flash"), shared)  # shares the source's weights: costs nothing
     assert {b.ref.variant.name for b in cache.built()} == {"fp16+flash", "flash"}
 
     cache.pinned.add(ref("fp16+flash"))
-    cache.get(ref("fp16"), tiny_model)  # over budget, but the others are pinned or free
+    cache.get(ref("fp16"), shared)  # over budget, but the others are pinned or free
     assert {b.ref.variant.name for b in cache.built()} == {"fp16+flash", "flash", "fp16"}
-    cache.get(ref("int8"), tiny_model)  # now the least recently used costly one goes
+    cache.get(ref("int8"), shared)  # now the least recently used costly one goes
     assert {b.ref.variant.name for b in cache.built()} == {"fp16+flash", "flash", "int8"}
 
     cache.idle_ttl = 0.01
     time.sleep(0.05)
     cache.expire_idle()
     assert [b.ref.variant.name for b in cache.built()] == ["fp16+flash"]  # pinned stays
+
+
+def test_variant_from_a_private_copy_counts_all_its_weights(tiny_model):
+    # A model that keeps no float32 copy builds a float variant from its own copy, read for it:
+    # nothing is shared, so the budget sees every byte, and the copy is transformed in place.
+    cache = VariantCache(budget_bytes=2**30)
+    private = load_whisper("tiny.en")
+    built = cache.get(ref("flash"), lambda: (private, True))
+    assert built.model is private and built.nbytes == built.weight_bytes == nbytes(tiny_model)
+
+
+def test_int8_from_the_stored_float16_equals_int8_from_float32(tiny_model):
+    # The bundled weights are float16; int8 built straight from them (no float32 copy) is bitwise
+    # the int8 built from the float32 model, and building from float32 leaves that model intact.
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    from_fp32 = build_variant(tiny_model, parse_variant("int8+flash"))
+    from_fp16 = build_variant(load_whisper("tiny.en", None), parse_variant("int8+flash"), in_place=True)
+    assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+    mel = torch.randn(1, tiny_model.dims.n_mels, 3000, generator=torch.Generator().manual_seed(0))
+    tokens = torch.tensor([[50257, 50362, 400, 1000]])
+    with torch.inference_mode():
+        assert torch.equal(from_fp16.embed_audio(mel), from_fp32.embed_audio(mel))
+        audio = from_fp32.embed_audio(mel)
+        assert torch.equal(from_fp16.logits(tokens, audio), from_fp32.logits(tokens, audio))
+

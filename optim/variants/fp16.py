@@ -21,10 +21,11 @@ from optim.variants.technique import Technique
 def apply_fp16(model: Whisper) -> Whisper:
     use_variant_decoder(model)
     keep_fp32 = {id(p) for m in model.modules() if isinstance(m, LayerNorm) for p in m.parameters()}
-    for parameter in model.parameters():
-        if id(parameter) not in keep_fp32:
-            parameter.data = parameter.data.half()
+    for parameter in model.parameters():  # from float32 or from the stored float16
+        parameter.data = parameter.data.float() if id(parameter) in keep_fp32 else parameter.data.half()
     return model
 
 
-TECHNIQUE = Technique("fp16", apply_fp16, stage=2, group="precision", half_precision=True, converts_weights=True)
+TECHNIQUE = Technique(
+    "fp16", apply_fp16, stage=2, group="precision", half_precision=True, converts_weights=True, own_weights=True
+)

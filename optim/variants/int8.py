@@ -9,19 +9,24 @@ configs took 34–40 ms and `torch._int_mm` 3.1 ms, so fbgemm's dynamic linear i
 **Activations, per row.** fbgemm's dynamic linear quantizes its whole input with one scale
 from the input's min and max. Over a batch that couples the rows: a loud window coarsens a quiet
 one's rounding, so a window's words changed with its batch-mates, and the batched WER suffered.
-Here each row is first divided by its own max |x| (so it lies in [-1, 1]), and a sentinel row
-[-1, 1, 0, ...] is appended, which pins fbgemm's range to [-1, 1] whatever the other rows hold:
-every row is quantized with the same step relative to its own peak, the int32 products are
-exact, and the output row is multiplied back by the row's scale (the bias is added after that).
-A row's result is bitwise the same in any batch. `reduce_range` stays on (7-bit activations):
-fbgemm needs it on CPUs without VNNI to avoid int16 saturation, and with it the results are the
-same on every x86 CPU.
+Here each row is first divided by its own max |x|, so it lies in [-1, 1], and quantized with
+the fixed range [-1, 1] (`linear_with_input_q_dq_qweight_dq_output_fp32`: fbgemm's int8 GEMM
+with the activation's scale and zero point given, float32 out). Every row is quantized with the
+same step relative to its own peak, the int32 products are exact, and the output row is
+multiplied back by the row's scale, with the bias added in the same pass. A row's result is
+bitwise the same in any batch. (The first version appended a sentinel row [-1, 1, 0, ...] to pin
+the dynamic linear's range; the fixed-range kernel gives bitwise the same output with one copy
+of the input fewer.)
 
-Measured in one run (base, `python -m benchmarks.int8`, benchmarks/int8.md), WER change against
-fp32 and speed against fp32, per-row here / per-tensor before: en_read +0.17 / +1.51 points at
-1.96× / 2.53×; en_hard +1.15 / +5.00 at 3.27× / 3.84×; longform +0.30 / +0.89 at 2.22× / 2.83×;
-batched against one-at-a-time words 0 / 1–15 %. The extra element-wise work per call (scale,
-divide, the sentinel row, rescale) is what the speed-up gives back.
+**8-bit activations where the CPU allows.** On a CPU with AVX-512 VNNI, fbgemm multiplies u8 × s8
+straight into int32, and activations use all 8 bits (step 2/255 of the row's peak). Without VNNI
+it sums pairs of products in int16 (vpmaddubsw), where 2 × 255 × 127 overflows, so activations
+use 7 bits there (`REDUCE_RANGE`, as torch.ao does by default). The words can therefore differ
+between the two kinds of CPU; on either, batched equals unbatched.
+
+Measured in one run (base, `python -m benchmarks.int8`, benchmarks/int8.md): see the table
+there for WER and speed against fp32 of this int8, of the 7-bit per-row one and of the old
+per-tensor one.
 
 Two traps in openai-whisper: the logits are `x @ token_embedding.weight.T`, not a layer at all,
 so an int8 linear over the embedding matrix becomes the decoder's output projection; and the
@@ -32,6 +37,7 @@ per row, which saves a further 3/4 of the largest matrix.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -43,34 +49,73 @@ from optim.variants.modules import use_variant_decoder
 from optim.variants.technique import Technique
 
 
+def _has_vnni() -> bool:
+    """AVX-512 VNNI: fbgemm then multiplies u8 × s8 straight into int32 (vpdpbusd)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return "avx512_vnni" in flags.split()
+
+
+# 7-bit activations only where 8-bit ones could saturate: without VNNI fbgemm sums pairs of
+# u8 × s8 products in int16 (vpmaddubsw), and 2 × 255 × 127 overflows it (module doc).
+REDUCE_RANGE = not _has_vnni()
+# The quantization of a row divided by its peak: [-1, 1] onto 0..255 (or 0..127), as fbgemm's own
+# choice of parameters for that range would be.
+ROW_QPARAMS = (2 / 127, 64) if REDUCE_RANGE else (2 / 255, 128)
+_fixed_range_linear = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+
+
+# Quantize this many rows at a time: the float32 copy a row block needs while it is quantized
+# stays small (4096 × 512 floats: 8 MB) even for the 51865-row embedding matrix (106 MB whole).
+CHUNK_ROWS = 4096
+
+
+def _quantized_rows(weight: Tensor, scales: Tensor) -> Tensor:
+    """qint8 with one scale per row (output channel), quantized block by block: the same values
+    as one `quantize_per_channel` over the whole matrix, which is row-independent."""
+    zero_points = torch.zeros(len(scales), dtype=torch.long)
+    with warnings.catch_warnings():
+        # torch's quantized tensors are deprecated in favour of torchao, whose int8 kernels are
+        # two orders of magnitude slower on this CPU (module doc); keep them, quietly.
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        values = torch.cat([
+            torch.quantize_per_channel(
+                weight[i : i + CHUNK_ROWS].float(), scales[i : i + CHUNK_ROWS].double(), zero_points[i : i + CHUNK_ROWS], 0, torch.qint8
+            ).int_repr()
+            for i in range(0, len(weight), CHUNK_ROWS)
+        ])
+        return torch._make_per_channel_quantized_tensor(values, scales.double(), zero_points, 0)
+
+
+def _row_peaks(weight: Tensor) -> Tensor:
+    """max |w| of each row, in float32, block by block."""
+    return torch.cat([weight[i : i + CHUNK_ROWS].float().abs().amax(dim=1) for i in range(0, len(weight), CHUNK_ROWS)])
+
+
 class Int8Linear(nn.Module):
     """y = x Wᵀ + b with W int8 per output channel and x quantized per row (module doc)."""
 
+    qparams: tuple[float, int] = ROW_QPARAMS
+
     def __init__(self, weight: Tensor, bias: Optional[Tensor] = None):
         super().__init__()
-        weight = weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
+        weight = weight.detach()  # float32, or float16 as stored
+        scales = _row_peaks(weight).clamp(min=1e-8) / 127
         with warnings.catch_warnings():
-            # torch's quantized tensors are deprecated in favour of torchao, whose int8 kernels are
-            # two orders of magnitude slower on this CPU (module doc); keep them, quietly.
             warnings.simplefilter("ignore", UserWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            zero_points = torch.zeros_like(scales, dtype=torch.long)
-            qweight = torch.quantize_per_channel(weight, scales.double(), zero_points, 0, torch.qint8)
-            self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+            self._packed = torch.ops.quantized.linear_prepack(_quantized_rows(weight, scales), None)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        sentinel = torch.zeros(1, self.in_features)
-        sentinel[0, :2] = torch.tensor([-1.0, 1.0])
-        self.register_buffer("sentinel", sentinel)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features).float()
-        scale = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_(min=1e-12)
-        pinned = torch.cat([rows / scale, self.sentinel])
-        y = torch.ops.quantized.linear_dynamic(pinned, self._packed, True)[:-1].mul_(scale)
-        if self.bias is not None:
-            y.add_(self.bias)
+        # abs().amax(), not linalg.vector_norm(inf): the same value, 12× faster on (1500, 2048)
+        scale = rows.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)
+        y = _fixed_range_linear(rows / scale, *self.qparams, self._packed)
+        y = y.mul_(scale) if self.bias is None else torch.addcmul(self.bias, y, scale)
         return y.view(*x.shape[:-1], self.out_features)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -85,9 +130,13 @@ class Int8Embedding(nn.Module):
 
     def __init__(self, weight: Tensor):
         super().__init__()
-        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
-        self.register_buffer("qweight", weight.div(scale).round_().to(torch.int8))  # one temporary
-        self.register_buffer("scale", scale.float())
+        weight = weight.detach()
+        scale = _row_peaks(weight)[:, None].clamp(min=1e-8) / 127
+        qweight = torch.empty(weight.shape, dtype=torch.int8)
+        for i in range(0, len(weight), CHUNK_ROWS):  # a float32 copy of one block at a time
+            qweight[i : i + CHUNK_ROWS] = torch.div(weight[i : i + CHUNK_ROWS].float(), scale[i : i + CHUNK_ROWS]).round_()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.qweight[tokens].float() * self.scale[tokens]
@@ -97,15 +146,19 @@ def apply_int8(model: Whisper) -> Whisper:
     if model.device.type != "cpu":
         raise ValueError("int8 uses PyTorch's CPU kernels (fbgemm); on CUDA use fp16")
     decoder = use_variant_decoder(model)
-    linears = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children() if isinstance(child, nn.Linear)]
-    for parent, name, child in linears:
-        setattr(parent, name, Int8Linear(child.weight, child.bias))
     embedding = decoder.token_embedding.weight.detach()
     decoder.output_projection = Int8Linear(embedding)  # the tied logits projection, as a layer
     decoder.token_embedding = Int8Embedding(embedding)
-    del embedding, linears
+    del embedding
+    # (parent, name) only, so that each float layer is freed as soon as it is replaced: building
+    # from the stored float16 weights, the model never holds much more than the float16 copy.
+    for parent, name in [(p, n) for p in model.modules() for n, c in p.named_children() if isinstance(c, nn.Linear)]:
+        linear = getattr(parent, name)
+        setattr(parent, name, Int8Linear(linear.weight, linear.bias))
+        del linear
+    model.float()  # what stays floating (convolutions, norms, positions) from the stored float16; a no-op on float32
     release_freed_memory()
     return model
 
 
-TECHNIQUE = Technique("int8", apply_int8, stage=2, group="precision", devices=("cpu",))
+TECHNIQUE = Technique("int8", apply_int8, stage=2, group="precision", devices=("cpu",), own_weights=True)

@@ -24,3 +24,6 @@ class Technique:
     fused_attention: bool = False  # the batched decoder uses SDPA instead of the explicit softmax
     half_precision: bool = False  # weights in float16; computed in float16 where the device can (CUDA)
     converts_weights: bool = False  # builds new copies of every weight (nothing shared with the source)
+    # Holds its own copy of the large weights (int8, fp16): built straight from the weights as
+    # stored (float16 for the bundled models), it never needs a float32 copy of the model.
+    own_weights: bool = False
