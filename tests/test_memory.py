@@ -19,15 +19,25 @@ from tests.conftest import ENGLISH_READ, ROOT, Server, english_wer
 MB = 2**20
 BASE_FP32_BYTES = 71_825_920 * 4  # base's parameters in float32 (../shared/WEIGHTS.md)
 
-# Resident memory of the server process, in MB. After ready: issue 12's goals. Peak through the
-# short workload below: the goal for base is 500 MB and it is not met (measured about 750 MB, and
-# 870 MB with tiny.en too: a batch's cross-attention keys/values, one window's encoder working
-# memory, and what the allocator keeps; README, "Memory"), so the bound is the measured figure
-# plus 13-15 %, to catch a regression. whisper.cpp's base q8_0 peaks at 249 MB (../shared/ANCHORS.md).
+# Resident memory of the server process (VmRSS), in MB. VmRSS counts the file-backed pages of the
+# shared libraries that are resident, and how many are depends on the page cache, not on us:
+# `import torch` alone is 77 MB of them in a long-used environment and 125 MB in a freshly
+# installed one (as on CI), with the same 146 MB of anonymous memory. So the bounds here are
+# issue 12's goals (400 MB for base, 550 MB for tiny.en + base after ready) plus 60 MB for that,
+# and the anonymous memory (RssAnon, the process's own) is bounded too. Peak through the short
+# workload below: the goal for base is 500 MB and it is not met (750-820 MB measured: a batch's
+# cross-attention keys/values, one window's encoder working memory, what the allocator keeps;
+# README, "Memory"), so that bound is the measured figure plus about 15 %, to catch a regression.
+# whisper.cpp's base q8_0 peaks at 249 MB (../shared/ANCHORS.md).
 GOALS = {
-    "base": {"after_ready": 400, "peak": 850},
-    "tiny.en,base": {"after_ready": 550, "peak": 1000},
+    "base": {"after_ready": 400 + 60, "anon_after_ready": 330, "peak": 950},
+    "tiny.en,base": {"after_ready": 550 + 60, "anon_after_ready": 400, "peak": 1100},
 }
+
+
+def _anon_mb(pid: int) -> float:
+    fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status").read().splitlines() if ":" in line)
+    return int(fields["RssAnon"].split()[0]) / 1024
 
 
 def _float_tensor_bytes() -> int:
@@ -101,13 +111,14 @@ def test_server_memory_after_ready_and_under_load(models, tmp_path):
 
     goals = GOALS[models]
     with Server(MODELS=models, DEFAULT_MODEL="base", MODELS_DIR=str(tmp_path)) as server:
-        after_ready = rss_mb(server.process.pid)[0]
+        after_ready, anon = rss_mb(server.process.pid)[0], _anon_mb(server.process.pid)
         client = OpenAI(base_url=f"{server.url}/v1", api_key="not-needed", timeout=300, max_retries=0)
         clips = ENGLISH_READ * 2  # two rounds, four clients
         with ThreadPoolExecutor(4) as pool:
             texts = list(pool.map(lambda c: _transcribe(client, c), clips))
         now, peak = rss_mb(server.process.pid)
     assert english_wer([c.text for c in clips], texts) < 0.05  # the words, not just memory
-    print(f"{models}: {after_ready:.0f} MB after ready, {now:.0f} MB after the workload, peak {peak:.0f} MB")
-    assert after_ready <= goals["after_ready"], f"{after_ready:.0f} MB after ready (goal {goals['after_ready']})"
+    print(f"{models}: {after_ready:.0f} MB after ready ({anon:.0f} MB anonymous), {now:.0f} MB after the workload, peak {peak:.0f} MB")
+    assert after_ready <= goals["after_ready"], f"{after_ready:.0f} MB after ready (bound {goals['after_ready']})"
+    assert anon <= goals["anon_after_ready"], f"{anon:.0f} MB anonymous after ready (bound {goals['anon_after_ready']})"
     assert peak <= goals["peak"], f"peak {peak:.0f} MB (goal {goals['peak']})"
