@@ -3,6 +3,7 @@ measured on (the load test's description plus what a model benchmark needs to be
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -53,3 +54,12 @@ def decoder_seconds_per_token(model: Whisper, variant: Variant, steps: int = 100
             if timed:
                 return (time.perf_counter() - start) / steps
     raise AssertionError("unreachable")
+
+
+def write_results(out: Path, name: str, result: dict, markdown: str) -> None:
+    """A benchmark's results as `out/<name>.json` and `out/<name>.md`, the Markdown also printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)
+

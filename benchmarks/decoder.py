@@ -31,7 +31,12 @@ from pathlib import Path
 import torch
 import whisper
 
-from benchmarks.common import RESULTS, decoder_seconds_per_token, machine_info
+from benchmarks.common import (
+    RESULTS,
+    decoder_seconds_per_token,
+    machine_info,
+    write_results,
+)
 from optim.accuracy import corpus_wer
 from optim.decoding import encode
 from optim.engine import WhisperEngine
@@ -145,10 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         engine.close()
     result = {"machine": machine_info(), "model": args.model, "clips": len(clips), "audio_seconds": round(seconds_of_audio, 1), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decoder.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "decoder.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "decoder", result, markdown(result))
 
 
 def markdown(result: dict) -> str:

@@ -13,7 +13,12 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.common import RESULTS, decoder_seconds_per_token, machine_info
+from benchmarks.common import (
+    RESULTS,
+    decoder_seconds_per_token,
+    machine_info,
+    write_results,
+)
 from benchmarks.context import CONFIGS
 from optim.engine import WhisperEngine
 from optim.evaluation import EVAL_DIR, audio_seconds, load_set, measure
@@ -60,10 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.close()
     result = {"machine": machine_info(), "set": {"name": "en_read", "clips": len(clips), "audio_seconds": round(seconds, 1)},
               "rows": rows, "students": students}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "distill.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "distill.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "distill", result, markdown(result))
     return 0
 
 

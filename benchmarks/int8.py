@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from whisper.model import Whisper
 
-from benchmarks.common import RESULTS, machine_info
+from benchmarks.common import RESULTS, machine_info, write_results
 from optim import registry
 from optim.accuracy import corpus_wer
 from optim.engine import WhisperEngine
@@ -119,10 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(row), flush=True)
     engine.close()
     result = {"machine": machine_info(), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "int8.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "int8.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "int8", result, markdown(result))
 
 
 def markdown(result: dict) -> str:

@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, machine_info
+from benchmarks.common import RESULTS, ROOT, machine_info, write_results
 from loadtest.client import new_client, run_closed_loop, warm_up
 from loadtest.server import free_port, stop, wait_until_ready
 from loadtest.workload import WorkItem, build_workload
@@ -215,11 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     result = {"machine": machine_info(), "model": MODEL, "threads": args.threads, "service_memory": service_memory, "notes": notes,
               "workloads": {k: {"requests": len(v), "audio_seconds": round(sum(i.duration for i in v), 1)} for k, v in workloads.items()},
               "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "peers.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "peers.md").write_text(markdown(result))
+    write_results(args.out, "peers", result, markdown(result))
     chart(result, args.out / "peers.png")
-    print(markdown(result))
 
 
 def _has(module: str) -> bool:

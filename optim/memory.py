@@ -7,10 +7,20 @@ import gc
 from pathlib import Path
 
 
+def _proc_fields_mb(pid: int | str, *keys: str) -> tuple[float, ...]:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return tuple(int(fields[key].split()[0]) / 1024 for key in keys)
+
+
 def rss_mb(pid: int | str = "self") -> tuple[float, float]:
     """(current, peak) resident set size of a process, in MB."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    return _proc_fields_mb(pid, "VmRSS", "VmHWM")
+
+
+def anonymous_mb(pid: int | str = "self") -> float:
+    """The process's own resident memory (RssAnon), in MB: VmRSS without the file-backed pages of
+    its shared libraries, whose count depends on the page cache."""
+    return _proc_fields_mb(pid, "RssAnon")[0]
 
 
 def release_freed_memory() -> None:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from optim.memory import release_freed_memory, rss_mb
+from optim.memory import anonymous_mb, release_freed_memory, rss_mb
 from optim.models import ModelStore
 from tests.conftest import ENGLISH_READ, ROOT, Server, english_wer
 
@@ -33,11 +33,6 @@ GOALS = {
     "base": {"after_ready": 400 + 60, "anon_after_ready": 330, "peak": 950},
     "tiny.en,base": {"after_ready": 550 + 60, "anon_after_ready": 400, "peak": 1100},
 }
-
-
-def _anon_mb(pid: int) -> float:
-    fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status").read().splitlines() if ":" in line)
-    return int(fields["RssAnon"].split()[0]) / 1024
 
 
 def _float_tensor_bytes() -> int:
@@ -111,7 +106,7 @@ def test_server_memory_after_ready_and_under_load(models, tmp_path):
 
     goals = GOALS[models]
     with Server(MODELS=models, DEFAULT_MODEL="base", MODELS_DIR=str(tmp_path)) as server:
-        after_ready, anon = rss_mb(server.process.pid)[0], _anon_mb(server.process.pid)
+        after_ready, anon = rss_mb(server.process.pid)[0], anonymous_mb(server.process.pid)
         client = OpenAI(base_url=f"{server.url}/v1", api_key="not-needed", timeout=300, max_retries=0)
         clips = ENGLISH_READ * 2  # two rounds, four clients
         with ThreadPoolExecutor(4) as pool:

@@ -36,6 +36,7 @@ per row, which saves a further 3/4 of the largest matrix.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -72,15 +73,21 @@ _fixed_range_linear = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_outp
 CHUNK_ROWS = 4096
 
 
+@contextlib.contextmanager
+def _quietly():
+    """torch's quantized tensors are deprecated in favour of torchao, whose int8 kernels are two
+    orders of magnitude slower on this CPU (module doc): keep them, without the warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
 def _quantized_rows(weight: Tensor, scales: Tensor) -> Tensor:
     """qint8 with one scale per row (output channel), quantized block by block: the same values
     as one `quantize_per_channel` over the whole matrix, which is row-independent."""
     zero_points = torch.zeros(len(scales), dtype=torch.long)
-    with warnings.catch_warnings():
-        # torch's quantized tensors are deprecated in favour of torchao, whose int8 kernels are
-        # two orders of magnitude slower on this CPU (module doc); keep them, quietly.
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with _quietly():
         values = torch.cat([
             torch.quantize_per_channel(
                 weight[i : i + CHUNK_ROWS].float(), scales[i : i + CHUNK_ROWS].double(), zero_points[i : i + CHUNK_ROWS], 0, torch.qint8
@@ -104,8 +111,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         weight = weight.detach()  # float32, or float16 as stored
         scales = _row_peaks(weight).clamp(min=1e-8) / 127
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
+        with _quietly():
             self._packed = torch.ops.quantized.linear_prepack(_quantized_rows(weight, scales), None)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
