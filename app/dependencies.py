@@ -6,6 +6,7 @@ from fastapi import Request
 
 from app.metrics import Metrics
 from app.service import TranscriptionService
+from app.shutdown import Shutdown
 from optim.models import ModelStore
 
 
@@ -19,3 +20,7 @@ def get_models(request: Request) -> ModelStore:
 
 def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
+
+
+def get_shutdown(request: Request) -> Shutdown:
+    return request.app.state.shutdown

@@ -6,6 +6,7 @@ Bad input always gets a 4xx with a clear message, never a bare 500."""
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,16 +19,18 @@ log = logging.getLogger(__name__)
 
 STATUS: dict[Kind, int] = {
     Kind.INVALID: 400,
+    Kind.UNAUTHORIZED: 401,
     Kind.NOT_FOUND: 404,
     Kind.TOO_LARGE: 413,
     Kind.UNSUPPORTED_MEDIA: 415,
     Kind.OVERLOADED: 503,
     Kind.NOT_READY: 503,
+    Kind.RATE_LIMITED: 429,
+    Kind.TIMEOUT: 408,
+    Kind.CLIENT_CLOSED: 499,  # nginx's: a client that closed the connection before its answer
 }
-# Statuses that no error kind stands for: an unexpected failure, and (in the request counter's
-# figures only, as nginx logs it) a client that closed the connection before its answer.
-INTERNAL_ERROR = 500
-CLIENT_CLOSED = 499
+INTERNAL_ERROR = 500  # the status no error kind stands for: an unexpected failure
+CLIENT_CLOSED = STATUS[Kind.CLIENT_CLOSED]
 
 
 class APIError(StarletteHTTPException):
@@ -40,7 +43,21 @@ class APIError(StarletteHTTPException):
         self.error = error
 
 
-def error_body(status: int, message: str, code: str | None, param: str | None = None) -> dict:
+# The codes of the errors Starlette and FastAPI raise themselves (their only 400 is a body that
+# does not parse); any other status gets its HTTP reason phrase as a code, so no code is null.
+HTTP_CODES = {400: "invalid_multipart", 404: "not_found", 405: "method_not_allowed"}
+
+
+def http_code(status: int) -> str:
+    if status in HTTP_CODES:
+        return HTTP_CODES[status]
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "http_error"
+
+
+def error_body(status: int, message: str, code: str, param: str | None = None) -> dict:
     kind = "server_error" if status >= 500 else "invalid_request_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
@@ -71,9 +88,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc, APIError):
             return error_response(exc.error)
-        # Starlette's own: no such route, method not allowed
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return JSONResponse(error_body(exc.status_code, str(exc.detail), code), exc.status_code, exc.headers)
+        # Starlette's and FastAPI's own: no such route, method not allowed, a body that is not
+        # valid multipart (no or a wrong boundary, a part without a name, too many fields or files)
+        body = error_body(exc.status_code, str(exc.detail), http_code(exc.status_code))
+        return JSONResponse(body, exc.status_code, exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

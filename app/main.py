@@ -14,11 +14,14 @@ from starlette.formparsers import MultiPartParser
 
 from app.api import audio, health, models
 from app.api import metrics as metrics_api
+from app.auth import APIKeyAuth, configured_keys
 from app.errors import install_error_handlers
 from app.limits import UploadSizeLimit
 from app.metrics import Metrics, RequestCounter
+from app.openapi import install_docs, install_openapi
 from app.service import TranscriptionService
 from app.settings import Settings
+from app.shutdown import Shutdown
 from optim.engine import WhisperEngine
 from optim.models import ModelStore
 from optim.scheduler import Scheduler, SchedulerConfig
@@ -42,6 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_variant=settings.default_variant,
         startup=startup,
         startup_variants=settings.preload_variants,
+        on_demand=settings.on_demand_variants,
+        builds_per_minute=settings.variant_builds_per_minute,
     )
     engine = WhisperEngine(store, silence_peak=settings.silence_peak)
 
@@ -49,6 +54,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="whisper-serve",
         summary="OpenAI-compatible Whisper transcription service",
         version="0.1.0",
+        docs_url=None,  # served by app/openapi.py from local files, not a CDN
+        redoc_url=None,
     )
     routers = (health.router, models.router, audio.router, metrics_api.router)
     for router in routers:
@@ -69,7 +76,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ),
         on_batch=metrics.observe_batch,
     )
-    service = TranscriptionService(engine, scheduler, metrics, settings)  # checks the default model is served
+    shutdown = Shutdown(settings.shutdown_drain_s, settings.shutdown_timeout_s, abort=scheduler.abort)
+    service = TranscriptionService(engine, scheduler, metrics, settings, shutdown)  # checks the default model is served
     metrics.watch(store, scheduler)
     metrics.initialize([store.ref(m, check_ready=False) for m in store.sources] + store.startup_variants)
 
@@ -84,9 +92,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.router.lifespan_context = lifespan
     app.state.service = service
+    app.state.shutdown = shutdown
     app.state.metrics = metrics
     install_error_handlers(app)
-    app.add_middleware(UploadSizeLimit, max_bytes=settings.max_upload_bytes)
+    keys = configured_keys(settings)
+    install_openapi(app, api_keys=bool(keys))
+    install_docs(app)
+    app.add_middleware(UploadSizeLimit, max_bytes=settings.max_upload_bytes, read_timeout=settings.request_read_timeout_s)
+    if keys:  # outside the size limit: an unauthenticated upload gets 401, not 413, and is not read
+        app.add_middleware(APIKeyAuth, keys=keys, protect_metrics=settings.metrics_require_key)
     # added last: outermost, so it sees the size limit's 413s
     app.add_middleware(RequestCounter, metrics=metrics, routes=counted)
     # Keep uploads in memory up to the size limit (Starlette spools to a temp file past 1 MiB).

@@ -13,10 +13,12 @@ from starlette.concurrency import run_in_threadpool
 from app.limits import UploadTooLarge
 from app.metrics import Metrics
 from app.settings import Settings
+from app.shutdown import Shutdown
 from optim.accuracy import has_words, score
 from optim.audio import Audio, decode_audio
+from optim.budget import AudioBudget, Share
 from optim.engine import WhisperEngine
-from optim.errors import InvalidRequest, ServiceError
+from optim.errors import InvalidRequest, PromptTooLong, ServiceError
 from optim.scheduler import Scheduler
 from optim.types import ModelRef, Outcome, TranscriptionOptions
 
@@ -25,8 +27,10 @@ OPENAI_ALIAS = "whisper-1"
 
 
 class TranscriptionService:
-    def __init__(self, engine: WhisperEngine, scheduler: Scheduler, metrics: Metrics, settings: Settings):
+    def __init__(self, engine: WhisperEngine, scheduler: Scheduler, metrics: Metrics, settings: Settings, shutdown: Shutdown):
         self.engine = engine
+        self.shutdown = shutdown
+        self.audio_budget = AudioBudget(settings.max_pending_audio_seconds, retry_after=scheduler.retry_after)
         self.models = engine.models
         self.scheduler = scheduler
         self.metrics = metrics
@@ -72,10 +76,10 @@ class TranscriptionService:
             raise UploadTooLarge(self.settings.max_upload_bytes)
         return data
 
-    async def decode(self, data: bytes) -> Audio:
+    async def decode(self, data: bytes, share: Share) -> Audio:
         start = time.perf_counter()
         try:
-            return await run_in_threadpool(decode_audio, data, self.settings.max_audio_seconds)
+            return await run_in_threadpool(decode_audio, data, self.settings.max_audio_seconds, share.grow)
         finally:  # timed whether or not the upload was audio
             self.metrics.decode_seconds.observe(time.perf_counter() - start)
 
@@ -83,18 +87,24 @@ class TranscriptionService:
         self, file: UploadFile, ref: ModelRef, options: TranscriptionOptions, reference: str | None = None
     ) -> Outcome:
         """Transcribe for a reference from `resolve_model`."""
+        self.shutdown.check()
         if reference is not None and not has_words(reference):
             raise InvalidRequest("reference has no words; leave the field out to transcribe without scoring", "reference")
+        if options.prompt is not None and len(options.prompt) > self.settings.max_prompt_chars:
+            raise PromptTooLong(len(options.prompt), self.settings.max_prompt_chars)
         start = time.perf_counter()
         in_flight = self.metrics.in_flight.labels(ref.model, str(ref.variant))
         in_flight.inc()
         try:
             self.engine.check(ref, options)  # cheap option checks before any audio work
             data = await self.read_upload(file)
-            decode_start = time.perf_counter()
-            audio = await self.decode(data)
-            decode_seconds = time.perf_counter() - decode_start
-            transcript, timing = await self.scheduler.transcribe(ref, audio.samples, options)
+            with self.audio_budget.share() as share:  # the decoded audio's memory, until the transcript is assembled
+                decode_start = time.perf_counter()
+                audio = await self.decode(data, share)
+                decode_seconds = time.perf_counter() - decode_start
+                del data
+                transcript, timing = await self.scheduler.transcribe(ref, audio.samples, options)
+                del audio
         finally:
             in_flight.dec()
         # A translation's text is English whatever the audio's language.

@@ -39,6 +39,14 @@ class Settings(BaseSettings):
         default_factory=list,
         description="`model:variant` pairs built at start-up and never evicted, comma-separated (e.g. `base:int8+flash`).",
     )
+    on_demand_variants: Annotated[list[str], NoDecode] | None = Field(
+        None,
+        description="Variants a request may have built when it first asks, comma-separated (default: every served one; "
+        "empty: none). Others are served only if preloaded or the default; a request for one gets 400.",
+    )
+    variant_builds_per_minute: int | None = Field(
+        6, ge=1, description="Distinct variants built per model per minute at most; past it: 429 + Retry-After (empty: no limit)."
+    )
     variant_memory_mb: float = Field(
         1024.0, gt=0, description="Memory budget for built variants (least recently used are dropped past it)."
     )
@@ -49,6 +57,12 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, description="Threads torch uses inside one call (default: all cores).")
     max_upload_mb: float = Field(25.0, gt=0, description="Largest accepted upload, in MiB (OpenAI's limit is 25).")
     max_audio_seconds: float = Field(1800.0, gt=0, description="Longest accepted audio, in seconds.")
+    max_pending_audio_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="Decoded audio held at once across all requests, in seconds (about 96 KB each); past it: 503 + Retry-After. "
+        "At least MAX_AUDIO_SECONDS.",
+    )
     max_batch_size: int = Field(8, ge=1, description="Windows (≤30 s each) decoded together; 1 turns batching off.")
     batch_max_wait_ms: float = Field(
         50.0, ge=0, description="Longest a window waits for others before a partial batch runs, in milliseconds."
@@ -66,9 +80,32 @@ class Settings(BaseSettings):
     silence_peak: float = Field(
         1e-3, ge=0, description="Audio whose peak amplitude is below this is silence: empty text, no model call."
     )
+    max_prompt_chars: int = Field(
+        4096, ge=1, description="Longest accepted `prompt`, in characters (only its last 223 tokens condition the model)."
+    )
+    shutdown_drain_s: float = Field(
+        5.0, ge=0, description="On SIGTERM: seconds /ready answers 503 and new requests get 503 before the listener closes."
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM: seconds in-flight requests may take to finish; past it they get 503."
+    )
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="An idle keep-alive connection is closed after this long.")
+    request_read_timeout_s: float = Field(
+        30.0, gt=0, description="Longest wait for the next piece of a request (headers or body) from the client."
+    )
     log_level: str = Field("info", description="Log level of the server.")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        repr=False,
+        description="API keys, comma-separated: when any key is configured (here or in API_KEYS_FILE), every /v1 "
+        "request needs `Authorization: Bearer <key>`.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="A file of API keys, one per line (blank lines and lines starting with # are ignored)."
+    )
+    metrics_require_key: bool = Field(False, description="/metrics needs an API key too (when keys are configured).")
 
-    @field_validator("models", "variants", "preload_variants", mode="before")
+    @field_validator("models", "variants", "preload_variants", "api_keys", "on_demand_variants", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
         if isinstance(value, str):
@@ -79,9 +116,11 @@ class Settings(BaseSettings):
     def _default_is_served(self) -> "Settings":
         if not self.models:
             raise ValueError("MODELS must name at least one model")
+        if self.max_pending_audio_seconds < self.max_audio_seconds:
+            raise ValueError("MAX_PENDING_AUDIO_SECONDS must be at least MAX_AUDIO_SECONDS: one request of the longest audio must fit")
         return self
 
-    @field_validator("variant_idle_ttl_s", mode="before")
+    @field_validator("variant_idle_ttl_s", "api_keys_file", "variant_builds_per_minute", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

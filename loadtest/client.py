@@ -41,9 +41,12 @@ class RunOutcome:
     wall_s: float
 
 
-def new_client(base_url: str, concurrency: int) -> httpx.AsyncClient:
+def new_client(
+    base_url: str, concurrency: int, timeout: float = REQUEST_TIMEOUT_S, api_key: str | None = None
+) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=max(concurrency, 1) + 2, max_keepalive_connections=max(concurrency, 1) + 2)
-    return httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S, limits=limits)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    return httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits, headers=headers)
 
 
 async def transcribe(client: httpx.AsyncClient, item: WorkItem, model_name: str) -> tuple[RequestResult, httpx.Response | None]:

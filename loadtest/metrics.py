@@ -9,6 +9,9 @@ The server exports two histograms:
 A histogram's `_sum` and `_count` only grow, so the mean over one run is
 Δsum / Δcount between a scrape before and one after it. A server without `/metrics`, or
 without these metrics, gives None: the load test reports "n/a" and carries on.
+
+Gauges (the soak's queue depth and, for a server it did not spawn, resident memory) are read
+from one scrape with `gauge_sum`.
 """
 
 from __future__ import annotations
@@ -108,3 +111,17 @@ def batching_means(before: Snapshot | None, after: Snapshot | None, model: str, 
     for stage in PADDING_STAGES:
         means[f"{stage}_padding"] = histogram_mean_delta(before, after, PADDING_RATIO, model=model, variant=variant, stage=stage)
     return means
+
+
+def gauge_sum(text: str | None, metric: str, **match: str) -> float | None:
+    """A gauge's value in one scrape, added up over the label sets that carry all of `match`
+    (e.g. `whisper_queue_windows` over its `model` label); None when the scrape has no such sample."""
+    if text is None:
+        return None
+    try:
+        samples = parse_samples(text)
+    except ValueError:
+        return None
+    wanted = set(match.items())
+    values = [s.value for s in samples if s.name == metric and wanted <= set(s.labels.items())]
+    return sum(values) if values else None

@@ -108,7 +108,7 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
 
 
-def _machine_line(machine: dict) -> str:
+def machine_line(machine: dict) -> str:
     return (
         f"{machine['cpu']} ({machine['cores']} cores), {machine['platform']}, "
         f"python {machine['python']}, torch {machine['torch']}"
@@ -165,7 +165,7 @@ def markdown(document: dict) -> str:
     head = [
         f"# Load test: {document['model']}",
         "",
-        f"Machine: {_machine_line(document['machine'])}; {document['created']}.",
+        f"Machine: {machine_line(document['machine'])}; {document['created']}.",
         "",
         f"Command: `{document['command']}`",
         "",

@@ -86,6 +86,7 @@ def server_environment(
         "DEFAULT_MODEL": model,
         # Built at start-up (and /ready waits for them), so the first measured request pays no build.
         "PRELOAD_VARIANTS": ",".join(f"{model}:{v}" for v in variants),
+        "SHUTDOWN_DRAIN_S": "0",  # no load balancer to drain for: stop at once
         **extra_env,
         **config.env,
     }
@@ -131,11 +132,22 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+@dataclass(frozen=True)
+class SpawnedServer:
+    url: str
+    ready_s: float
+    process: subprocess.Popen
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
 @contextlib.contextmanager
-def spawned_server(
+def spawn_server(
     model: str, variants: list[str], config: ServerConfig, extra_env: dict[str, str], log_path: Path
-) -> Iterator[tuple[str, float]]:
-    """`python -m app` for one configuration; yields (base URL, seconds to ready). Always stopped on exit."""
+) -> Iterator[SpawnedServer]:
+    """`python -m app` for one configuration; yields it once ready (URL, seconds to ready, process). Always stopped on exit."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = server_environment(model, variants, config, extra_env, port)
@@ -152,7 +164,16 @@ def spawned_server(
         )
         try:
             ready_s = wait_until_ready(url, process, log_path)
-            yield url, ready_s
+            yield SpawnedServer(url, ready_s, process)
         finally:
             # Runs on normal exit, exceptions and Ctrl-C alike: no server outlives the load test.
             stop(process)
+
+
+@contextlib.contextmanager
+def spawned_server(
+    model: str, variants: list[str], config: ServerConfig, extra_env: dict[str, str], log_path: Path
+) -> Iterator[tuple[str, float]]:
+    """`spawn_server`, yielding just (base URL, seconds to ready)."""
+    with spawn_server(model, variants, config, extra_env, log_path) as server:
+        yield server.url, server.ready_s

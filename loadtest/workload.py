@@ -58,14 +58,16 @@ class Workload:
 
 
 @dataclass(frozen=True)
-class _ManifestEntry:
+class ManifestEntry:
     id: str
     path: Path
     duration: float
     reference: str | None
+    lang: str | None = None
 
 
-def _read_manifest(folder: Path) -> list[_ManifestEntry]:
+def read_manifest(folder: Path) -> list[ManifestEntry]:
+    """The entries of `folder/manifest.jsonl`, audio paths resolved against that folder."""
     manifest = folder / "manifest.jsonl"
     if not manifest.is_file():
         raise FileNotFoundError(
@@ -76,7 +78,9 @@ def _read_manifest(folder: Path) -> list[_ManifestEntry]:
         if line.strip():
             row = json.loads(line)
             # Audio paths in a manifest are relative to the manifest's own folder.
-            entries.append(_ManifestEntry(row["id"], folder / row["audio"], float(row["duration_s"]), row.get("text")))
+            entries.append(
+                ManifestEntry(row["id"], folder / row["audio"], float(row["duration_s"]), row.get("text"), row.get("lang"))
+            )
     return entries
 
 
@@ -85,8 +89,8 @@ def build_workload(count: int, seed: int = 0, eval_dir: Path = DEFAULT_EVAL_DIR,
     if count < 1:
         raise ValueError("the workload needs at least one request")
     fits = (lambda e: e.duration <= max_duration) if max_duration is not None else (lambda e: True)
-    referenced = sorted((e for e in _read_manifest(eval_dir / REFERENCED_SET) if fits(e)), key=lambda e: e.id)
-    unreferenced = sorted((e for e in _read_manifest(eval_dir / UNREFERENCED_SET) if fits(e)), key=lambda e: e.id)
+    referenced = sorted((e for e in read_manifest(eval_dir / REFERENCED_SET) if fits(e)), key=lambda e: e.id)
+    unreferenced = sorted((e for e in read_manifest(eval_dir / UNREFERENCED_SET) if fits(e)), key=lambda e: e.id)
     if count > len(referenced) + len(unreferenced):
         raise ValueError(f"asked for {count} requests, but only {len(referenced) + len(unreferenced)} clips fit")
 

@@ -26,6 +26,7 @@ models use PyTorch's fused SDPA, the others the explicit softmax of the referenc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,9 @@ class WindowInput:
     temperature: float = 0.0
     full_context: bool = False  # this row needs the 30-s encoder context
     seed: int = 0  # of this row's own sampler (temperature > 0): its draws do not depend on its batch-mates
+    # True once nobody waits for this row (its client left): it leaves the batch at the next step,
+    # so a departed request costs its batch-mates at most one more decoding step.
+    abandoned: Callable[[], bool] = lambda: False  # noqa: E731
 
     @property
     def frames(self) -> int:
@@ -325,7 +329,7 @@ def decode_batch(
         finished = []
         for j, (row, token, lp) in enumerate(zip(active, chosen.tolist(), chosen_logprobs)):
             sum_logprobs[row] += lp
-            if token == tokenizer.eot:
+            if token == tokenizer.eot or windows[row].abandoned():
                 finished.append(j)
                 continue
             sampled[row].append(token)

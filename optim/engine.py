@@ -12,6 +12,7 @@ import math
 import struct
 import zlib
 from dataclasses import replace
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,7 @@ class WhisperEngine:
     def check(self, ref: ModelRef, options: TranscriptionOptions) -> None:
         """Reject options the model cannot honour before any audio work is done."""
         self.models.check_student(ref)
+        self.models.check_build(ref)
         language = normalize_language(options.language)
         loaded = self.models.loaded.get(ref.model)
         if loaded is None:
@@ -95,10 +97,7 @@ class WhisperEngine:
         loaded = self.models.loaded[ref.model]
         mel = whisper.log_mel_spectrogram(torch.from_numpy(samples), loaded.dims.n_mels, padding=whisper.audio.N_SAMPLES)
         language = normalize_language(options.language) if loaded.multilingual else "en"
-        prompt = []
-        if options.prompt:
-            tokenizer = self.tokenizer(ref, options.task)
-            prompt = tokenizer.encode(" " + options.prompt.strip())[-(loaded.dims.n_text_ctx // 2 - 1) :]
+        prompt = self.prompt_tokens(ref, options) if options.prompt else []
         return [
             Window(
                 mel=mel[:, start // HOP_LENGTH : end // HOP_LENGTH].clone(),
@@ -112,28 +111,50 @@ class WhisperEngine:
             for start, end in split_at_pauses(samples)
         ]
 
+    def prompt_tokens(self, ref: ModelRef, options: TranscriptionOptions) -> list[int]:
+        """The prompt as plain text tokens, its last 223 as openai-whisper keeps (half the text
+        context, less <|startofprev|>). Special-token strings such as `<|endoftext|>` are just
+        text here: a prompt can never end a window or switch its task."""
+        loaded = self.models.loaded[ref.model]
+        tokenizer = self.tokenizer(ref, options.task)
+        tokens = tokenizer.encoding.encode(" " + options.prompt.strip(), disallowed_special=())
+        return tokens[-(loaded.dims.n_text_ctx // 2 - 1) :]
+
     def tokenizer(self, ref: ModelRef, task: Task) -> Tokenizer:
         loaded = self.models.loaded[ref.model]
         return get_tokenizer(loaded.multilingual, num_languages=loaded.num_languages, task=task)
 
     def run_batch(
-        self, ref: ModelRef, task: Task, windows: list[Window], shorten_context: bool
+        self,
+        ref: ModelRef,
+        task: Task,
+        windows: list[Window],
+        shorten_context: bool,
+        abandoned: list[Callable[[], bool]] | None = None,
     ) -> tuple[list[WindowResult], BatchStats]:
         """Decode windows of one model, variant and task in one batch (on the model's worker thread).
-        Each result is final, or names the window to decode again (optim/fallback.py)."""
+        Each result is final, or names the window to decode again (optim/fallback.py). A window
+        whose `abandoned()` turns true (nobody waits for it any more) stops decoding at the next
+        step and gets an empty result."""
         built = self.models.built(ref)  # built on first use
         model, half = built.model, built.half_compute
         tokenizer = self.tokenizer(ref, task)
-        inputs = [WindowInput(w.mel, w.language, w.prompt, w.temperature, w.full_context, seed=_seed(w)) for w in windows]
+        abandoned = abandoned or [lambda: False] * len(windows)
+        inputs = [
+            WindowInput(w.mel, w.language, w.prompt, w.temperature, w.full_context, seed=_seed(w), abandoned=gone)
+            for w, gone in zip(windows, abandoned)
+        ]
         with torch.inference_mode():
             outputs, stats = decode_batch(
                 model, tokenizer, inputs, shorten_context, half=half, fused_attention=ref.variant.fused_attention
             )
         shortened = stats.encoder_frames < whisper.audio.N_FRAMES
         results = []
-        for window, out in zip(windows, outputs):
+        for window, out, gone in zip(windows, outputs, abandoned):
             again = fallback.retry(window, out, shortened)
-            if again is not None:
+            if gone():
+                results.append(WindowResult(window.offset, [], out.language))
+            elif again is not None:
                 results.append(WindowResult(window.offset, [], out.language, retry=again))
             elif fallback.is_silence(out):
                 results.append(WindowResult(window.offset, [], out.language))

@@ -14,10 +14,14 @@ from enum import Enum
 class Kind(Enum):
     INVALID = "invalid"  # the request's fields or content are wrong: fix them and resend
     NOT_FOUND = "not_found"  # it names something that does not exist
+    UNAUTHORIZED = "unauthorized"  # no valid credentials (an API key) came with it
     TOO_LARGE = "too_large"  # over a configured size or duration limit
     UNSUPPORTED_MEDIA = "unsupported_media"  # the upload is not a media format we decode
     OVERLOADED = "overloaded"  # the server is at capacity: retry after `retry_after` seconds
-    NOT_READY = "not_ready"  # what it names is still loading (or failed to): retry later
+    NOT_READY = "not_ready"  # what it names is still loading (or failed to), or the server is shutting down: retry later
+    RATE_LIMITED = "rate_limited"  # too many requests of a costly kind: retry after `retry_after` seconds
+    TIMEOUT = "timeout"  # the client was too slow to send its request
+    CLIENT_CLOSED = "client_closed"  # the client left before its answer (nobody reads the response)
 
 
 class ServiceError(Exception):
@@ -35,6 +39,13 @@ class ServiceError(Exception):
 
 class InvalidRequest(ServiceError):
     code = "invalid_value"
+
+
+class PromptTooLong(ServiceError):
+    code = "prompt_too_long"
+
+    def __init__(self, length: int, limit: int):
+        super().__init__(f"the prompt has {length} characters; the limit is {limit} (only its last 223 tokens are used)", "prompt")
 
 
 # ---------------------------------------------------------------- models and variants
@@ -58,6 +69,25 @@ class VariantUnavailable(ServiceError):
     """A served variant that cannot run yet (a distilled student that was never built)."""
 
     code = "variant_unavailable"
+
+
+class VariantNotOnDemand(ServiceError):
+    """A served variant that is neither built nor allowed to be built by a request."""
+
+    code = "variant_not_on_demand"
+
+
+class VariantBuildsLimited(ServiceError):
+    kind = Kind.RATE_LIMITED
+    code = "variant_build_rate_limited"
+
+    def __init__(self, model: str, limit: int, retry_after: int):
+        super().__init__(
+            f"model {model!r} has built {limit} variants in the last minute (VARIANT_BUILDS_PER_MINUTE); "
+            f"retry in {retry_after} s or use a variant already built",
+            "model",
+            max(1, retry_after),
+        )
 
 
 class UnsupportedOption(ServiceError):
@@ -98,6 +128,14 @@ class UnsupportedAudio(AudioError):
 
 class CorruptAudio(AudioError):
     """Recognised as an audio format, but decoding failed (truncated or damaged)."""
+
+
+class NonFiniteAudio(CorruptAudio):
+    """Float samples that are NaN or infinite: no recording has them, and they would poison the features."""
+
+
+class AudioOutOfRange(AudioError):
+    """Well-formed audio outside what the service decodes: a sample rate or channel count no recording has."""
 
 
 class AudioTooLong(AudioError):

@@ -14,8 +14,10 @@ This is also the one place where a request's model and variant names become a `M
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 from whisper.model import ModelDimensions, Whisper
 
-from optim.errors import ModelNotReady, UnknownModel, UnknownVariant, VariantUnavailable
+from optim.errors import ModelNotReady, UnknownModel, UnknownVariant, VariantBuildsLimited, VariantNotOnDemand, VariantUnavailable
 from optim.memory import release_freed_memory
 from optim.registry import BuiltVariant, VariantCache, all_variants, parse_variant, recommended
 from optim.student import load_student, share_with_teacher, student_path
@@ -76,6 +78,8 @@ class ModelStore:
         default_variant: str = "auto",
         startup: list[str] | None = None,
         startup_variants: list[str] | None = None,
+        on_demand: list[str] | None = None,
+        builds_per_minute: int | None = None,
     ):
         self.sources = dict(sources)  # id -> bundled name or path; everything that can be served
         self.device = resolve_device(device)
@@ -103,6 +107,13 @@ class ModelStore:
             if model_id not in self.sources:
                 raise ValueError(f"start-up variant {name!r} names model {model_id!r}, which is not served")
             self.startup_variants.append(self.ref(model_id, self.variant(variant) if variant else None, check_ready=False))
+        # Building a variant costs seconds of CPU and its memory: which may be built when a
+        # request first asks (None: every served one), and how many distinct builds per model a
+        # minute. The default variant and the start-up ones are always there.
+        self.on_demand: list[Variant] | None = None if on_demand is None else [self.variant(v) for v in on_demand]
+        self.builds_per_minute = builds_per_minute
+        self._recent_builds: dict[str, deque[tuple[float, ModelRef]]] = defaultdict(deque)
+        self._builds_lock = threading.Lock()
 
     # ---------------------------------------------------------------- names → references
     def variant(self, name: str) -> Variant:
@@ -238,6 +249,29 @@ class ModelStore:
                 f"build it with `python -m optim.distill --teacher {ref.model}`",
                 "model",
             )
+
+    def check_build(self, ref: ModelRef) -> None:
+        """Before any audio work: refuse a variant that would have to be built and may not be
+        (VariantNotOnDemand), or not yet (VariantBuildsLimited: this model's builds in the last
+        minute are at the limit). A refused request costs nothing; a variant cycled to evict
+        and rebuild the others is bounded to `builds_per_minute` builds."""
+        if ref.variant == self.default_variant or ref in self.startup_variants or self.variant_cache.is_built(ref):
+            return
+        if self.on_demand is not None and ref.variant not in self.on_demand:
+            allowed = ", ".join(map(str, [self.default_variant, *self.on_demand]))
+            raise VariantNotOnDemand(f"variant {str(ref.variant)!r} is not built on demand here (ON_DEMAND_VARIANTS); ask for one of: {allowed}", "model")
+        if self.builds_per_minute is None:
+            return
+        now = time.monotonic()
+        with self._builds_lock:
+            recent = self._recent_builds[ref.model]
+            while recent and now - recent[0][0] > 60:
+                recent.popleft()
+            if any(r == ref for _, r in recent):
+                return  # counted already (being built, or evicted since)
+            if len(recent) >= self.builds_per_minute:
+                raise VariantBuildsLimited(ref.model, self.builds_per_minute, math.ceil(60 - (now - recent[0][0])))
+            recent.append((now, ref))
 
     def _read(self, model_id: str, float32: bool) -> Whisper:
         """The model's weights from disk: float32, or as stored (for a variant with its own weights)."""

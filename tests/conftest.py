@@ -72,13 +72,19 @@ def base_model():
 
 
 class Server:
-    """`python -m app` in a child process, on a loopback port, as a user would run it."""
+    """`python -m app` in a child process, on a loopback port, as a user would run it. With
+    `log`, its stdout and stderr go to that file."""
 
-    def __init__(self, **env: str):
+    def __init__(self, log: Path | None = None, **env: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        environment = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "LOG_LEVEL": "warning", **env}
-        self.process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=environment)
+        environment = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "LOG_LEVEL": "warning", "SHUTDOWN_DRAIN_S": "0", **env}
+        output = open(log, "wb") if log is not None else None
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app"], cwd=ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT if output else None
+        )
+        if output is not None:
+            output.close()  # the child holds its own copy of the descriptor
 
     def wait_ready(self, timeout: float = 120) -> "Server":
         wait_until_ready(self.url, self.process, None, timeout)

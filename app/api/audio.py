@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
 from app.dependencies import get_service
+from app.disconnect import unless_disconnected
 from app.formats import ResponseFormat, render
 from app.service import TranscriptionService
 from optim.errors import InvalidRequest
@@ -54,7 +55,7 @@ async def _run(request: Request, service: TranscriptionService, form: AudioReque
     options = form.options()
     ref = service.resolve_model(form.model, form.variant)
     request.state.model_labels = (ref.model, str(ref.variant))  # for the request metrics (app.metrics.RequestCounter)
-    outcome = await service.transcribe(form.file, ref, options, form.reference)
+    outcome = await unless_disconnected(request, service.transcribe(form.file, ref, options, form.reference))
     return render(outcome, form.response_format, form.words)
 
 

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import math
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -33,9 +33,11 @@ from optim.types import ModelRef, Task, Timing, Transcript, TranscriptionOptions
 log = logging.getLogger(__name__)
 
 QueueKey = tuple[ModelRef, Task]  # windows that can share a forward pass
+DRAIN_WINDOW_S = 60.0  # Retry-After: the drain rate measured over this much recent time
+MAX_RETRY_AFTER_S = 120
 
 
-@dataclass
+@dataclass(eq=False)  # compared (and hashed) by identity
 class _Request:
     key: QueueKey
     duration: float
@@ -92,6 +94,9 @@ class Scheduler:
         self._wakeups: dict[str, asyncio.Event] = {}
         self._workers: dict[str, asyncio.Task] = {}
         self._seconds_per_window = 0.5  # running estimate of compute per window: fairness, Retry-After
+        self._live: set[_Request] = set()  # admitted requests not yet answered (abort)
+        self._refusal: Exception | None = None  # once aborted, what every new request gets
+        self._drained: deque[tuple[float, int]] = deque()  # (when, windows) of recent batches: Retry-After
 
     # ---------------------------------------------------------------- requests
     @property
@@ -112,8 +117,10 @@ class Scheduler:
 
     async def transcribe(self, ref: ModelRef, samples: np.ndarray, options: TranscriptionOptions) -> tuple[Transcript, Timing]:
         """The transcript of `samples`, and how its windows were scheduled."""
+        if self._refusal is not None:
+            raise self._refusal
         if self._admitted >= self.config.max_queue:
-            raise QueueFull(self._retry_after())
+            raise QueueFull(self.retry_after())
         self._admitted += 1
         try:
             return await self._transcribe(ref, samples, options)
@@ -131,12 +138,15 @@ class Scheduler:
         request = _Request((ref, options.task), duration, arrived, len(windows), loop.create_future())
         now = time.perf_counter()
         self._queues[request.key] += [_Pending(request, w, now) for w in windows]
+        self._live.add(request)
         self._wake(ref.model)
         try:
             await request.done
-        except asyncio.CancelledError:  # client gone: its windows leave the queue
+        except asyncio.CancelledError:  # client gone: its windows leave the queue, its rows the batch
             self._queues[request.key] = [p for p in self._queues[request.key] if p.request is not request]
             raise
+        finally:
+            self._live.discard(request)
         finished = time.perf_counter()
         timing = Timing(
             queue_seconds=request.first_dispatch - arrived,
@@ -147,8 +157,29 @@ class Scheduler:
         )
         return assemble(ref, options.task, duration, sorted(request.results, key=lambda r: r.offset)), timing
 
-    def _retry_after(self) -> int:
-        return max(1, math.ceil(self.queued_windows * self._seconds_per_window))
+    def abort(self, error: Exception) -> int:
+        """Fail every admitted request with `error`, and every later one (shutdown past its
+        deadline); how many were failed."""
+        self._refusal = error
+        live = [r for r in self._live if not r.done.done()]
+        for request in live:
+            request.done.set_exception(error)
+        return len(live)
+
+    def retry_after(self) -> int:
+        """Seconds until the work ahead of a new request has drained, at the rate windows
+        actually finished over the last minute (the estimate per window before any finished):
+        a client that waits this long finds room, rather than retrying into a full queue."""
+        now = time.perf_counter()
+        while self._drained and now - self._drained[0][0] > DRAIN_WINDOW_S:
+            self._drained.popleft()
+        ahead = self.queued_windows + self.config.max_batch_size  # + what is running now
+        if len(self._drained) >= 2:
+            span = max(now - self._drained[0][0], 1.0)
+            rate = sum(n for _, n in self._drained) / span
+        else:
+            rate = 1 / self._seconds_per_window
+        return min(MAX_RETRY_AFTER_S, max(1, math.ceil(ahead / rate)))
 
     # ---------------------------------------------------------------- batching
     def _wake(self, model_id: str) -> None:
@@ -173,7 +204,6 @@ class Scheduler:
 
     async def _worker(self, model_id: str) -> None:
         wakeup = self._wakeups[model_id]
-        loop = asyncio.get_running_loop()
         while True:
             batch, wait = self.choose(model_id, time.perf_counter())
             if not batch:
@@ -192,24 +222,45 @@ class Scheduler:
                 if p.request.first_dispatch is None:
                     p.request.first_dispatch = started
             try:
-                results, stats = await loop.run_in_executor(
-                    self.engine.models.executor(model_id),
-                    self.engine.run_batch,
-                    *key,
-                    [p.window for p in batch],
-                    self.config.shorten_context,
-                )
-            except Exception as e:  # a failed batch fails its requests, never the worker
-                log.exception("batch of %d windows on %s failed", len(batch), key)
-                for p in batch:
-                    if not p.request.done.done():
-                        p.request.done.set_exception(e)
+                results, stats = await self._run(model_id, key, batch)
+            except Exception:  # one bad row must not fail its batch-mates: each runs again alone
+                log.exception("batch of %d windows on %s failed; running them one by one", len(batch), key)
+                await self._run_alone(model_id, key, batch)
                 continue
             seconds = time.perf_counter() - started
-            self._seconds_per_window = 0.8 * self._seconds_per_window + 0.2 * seconds / len(batch)
-            if self.on_batch:
-                self.on_batch(key[0], stats, seconds)
-            self._deliver(batch, results, stats)
+            self._finished(key, batch, results, stats, seconds)
+
+    async def _run(self, model_id: str, key: QueueKey, batch: list[_Pending]) -> tuple[list[WindowResult], BatchStats]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.engine.models.executor(model_id),
+            self.engine.run_batch,
+            *key,
+            [p.window for p in batch],
+            self.config.shorten_context,
+            [p.request.done.done for p in batch],  # a row nobody waits for leaves the batch
+        )
+
+    async def _run_alone(self, model_id: str, key: QueueKey, batch: list[_Pending]) -> None:
+        """After a failed batch: each window alone, so only the window that fails fails its request."""
+        for p in batch:
+            if p.request.done.done():
+                continue
+            started = time.perf_counter()
+            try:
+                results, stats = await self._run(model_id, key, [p])
+            except Exception as e:  # a failed window fails its request, never the worker
+                log.exception("window at %.1f s of a request on %s failed", p.window.offset, key)
+                if not p.request.done.done():
+                    p.request.done.set_exception(e)
+                continue
+            self._finished(key, [p], results, stats, time.perf_counter() - started)
+
+    def _finished(self, key: QueueKey, batch: list[_Pending], results: list[WindowResult], stats: BatchStats, seconds: float) -> None:
+        self._seconds_per_window = 0.8 * self._seconds_per_window + 0.2 * seconds / len(batch)
+        self._drained.append((time.perf_counter(), len(batch)))
+        if self.on_batch:
+            self.on_batch(key[0], stats, seconds)
+        self._deliver(batch, results, stats)
 
     def _deliver(self, batch: list[_Pending], results: list[WindowResult], stats: BatchStats) -> None:
         now = time.perf_counter()
