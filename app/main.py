@@ -22,6 +22,7 @@ from app.openapi import install_docs, install_openapi
 from app.service import TranscriptionService
 from app.settings import Settings
 from app.shutdown import Shutdown
+from optim.budget import AudioBudget
 from optim.engine import WhisperEngine
 from optim.models import ModelStore
 from optim.scheduler import Scheduler, SchedulerConfig
@@ -77,8 +78,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         on_batch=metrics.observe_batch,
     )
     shutdown = Shutdown(settings.shutdown_drain_s, settings.shutdown_timeout_s, abort=scheduler.abort)
-    service = TranscriptionService(engine, scheduler, metrics, settings, shutdown)  # checks the default model is served
-    metrics.watch(store, scheduler)
+    budget = AudioBudget(settings.max_pending_audio_seconds, retry_after=scheduler.retry_after)
+    service = TranscriptionService(engine, scheduler, metrics, settings, shutdown, budget)  # checks the default model is served
+    metrics.watch(store, scheduler, budget)
     metrics.initialize([store.ref(m, check_ready=False) for m in store.sources] + store.startup_variants)
 
     @asynccontextmanager

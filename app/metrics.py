@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import CLIENT_CLOSED, INTERNAL_ERROR
+from optim.budget import AudioBudget
 from optim.decoding import BatchStats
 from optim.memory import rss_mb
 from optim.models import ModelStore
@@ -137,9 +138,9 @@ class Metrics:
                 for rest in other_labels.get(metric, [()]):
                     metric.labels(ref.model, str(ref.variant), *rest)
 
-    def watch(self, models: ModelStore, scheduler: Scheduler) -> None:
-        """Export the live state of these at every scrape (queue, memory, weights)."""
-        self.registry.register(_LiveState(models, scheduler))
+    def watch(self, models: ModelStore, scheduler: Scheduler, budget: AudioBudget | None = None) -> None:
+        """Export the live state of these at every scrape (queue, memory, weights, decoded audio held)."""
+        self.registry.register(_LiveState(models, scheduler, budget))
 
     def observe_batch(self, ref: ModelRef, stats: BatchStats, seconds: float) -> None:
         labels = (ref.model, str(ref.variant))
@@ -166,9 +167,10 @@ class Metrics:
 
 
 class _LiveState(Collector):
-    def __init__(self, models: ModelStore, scheduler: Scheduler):
+    def __init__(self, models: ModelStore, scheduler: Scheduler, budget: AudioBudget | None):
         self.models = models
         self.scheduler = scheduler
+        self.budget = budget
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         windows = GaugeMetricFamily("whisper_queue_windows", "Windows (<= 30 s) waiting for a batch.", labels=["model"])
@@ -179,6 +181,11 @@ class _LiveState(Collector):
         yield GaugeMetricFamily(
             "whisper_queue_requests", "Requests admitted by the scheduler (waiting or running).", value=self.scheduler.admitted
         )
+        if self.budget is not None:
+            yield GaugeMetricFamily(
+                "whisper_pending_audio_seconds", "Decoded audio held by requests in flight (what MAX_PENDING_AUDIO_SECONDS bounds).",
+                value=self.budget.held_seconds,
+            )
         weights = GaugeMetricFamily(
             "whisper_model_weight_bytes", "Bytes of weights of each built variant.", labels=["model", "variant"]
         )

@@ -19,6 +19,7 @@ from optim.audio import Audio, decode_audio
 from optim.budget import AudioBudget, Share
 from optim.engine import WhisperEngine
 from optim.errors import InvalidRequest, PromptTooLong, ServiceError
+from optim.memory import trim_heap
 from optim.scheduler import Scheduler
 from optim.types import ModelRef, Outcome, TranscriptionOptions
 
@@ -27,10 +28,12 @@ OPENAI_ALIAS = "whisper-1"
 
 
 class TranscriptionService:
-    def __init__(self, engine: WhisperEngine, scheduler: Scheduler, metrics: Metrics, settings: Settings, shutdown: Shutdown):
+    def __init__(
+        self, engine: WhisperEngine, scheduler: Scheduler, metrics: Metrics, settings: Settings, shutdown: Shutdown, budget: AudioBudget
+    ):
         self.engine = engine
         self.shutdown = shutdown
-        self.audio_budget = AudioBudget(settings.max_pending_audio_seconds, retry_after=scheduler.retry_after)
+        self.audio_budget = budget
         self.models = engine.models
         self.scheduler = scheduler
         self.metrics = metrics
@@ -80,6 +83,9 @@ class TranscriptionService:
         start = time.perf_counter()
         try:
             return await run_in_threadpool(decode_audio, data, self.settings.max_audio_seconds, share.grow)
+        except ServiceError:  # a refused upload may have decoded a lot first (a bomb): its buffer goes back to the OS
+            await run_in_threadpool(trim_heap)
+            raise
         finally:  # timed whether or not the upload was audio
             self.metrics.decode_seconds.observe(time.perf_counter() - start)
 

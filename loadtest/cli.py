@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def _concurrencies(text: str) -> list[int]:
     return levels
 
 
-def _env_option(text: str) -> tuple[str, str]:
+def env_option(text: str) -> tuple[str, str]:
     try:
         return parse_env_assignment(text)
     except ValueError as e:
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-env",
         dest="server_env",
         action="append",
-        type=_env_option,
+        type=env_option,
         default=[],
         metavar="KEY=VALUE",
         help="an environment setting for every spawned server (repeatable); a configuration's own settings win",
@@ -178,3 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_tables(document))
     console.print("report: " + ", ".join(str(p) for p in paths.values()), markup=False)
     return 0 if failure is None else 1
+
+
+def run_command(main, what: str = "servers stopped") -> None:
+    """Run a command's `main` as a program: SIGTERM ends it like Ctrl-C does, through the
+    `finally` blocks that stop spawned servers; its return value is the exit status."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print(f"interrupted: {what}, no report written", file=sys.stderr)
+        sys.exit(130)

@@ -36,7 +36,6 @@ import os
 import random
 import re
 import shlex
-import signal
 import struct
 import sys
 import time
@@ -50,7 +49,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from loadtest import client, metrics, report, stats
-from loadtest.server import ServerConfig, ServerFailed, parse_env_assignment, spawn_server
+from loadtest.cli import env_option, run_command
+from loadtest.server import ServerConfig, ServerFailed, spawn_server
 from loadtest.workload import DEFAULT_EVAL_DIR, ManifestEntry, WorkItem, read_manifest
 
 SHORT_SET = "en_read"
@@ -905,13 +905,6 @@ def write_report(document: dict, out_dir: Path, name: str) -> dict[str, Path]:
 # -- command line ------------------------------------------------------------------------------
 
 
-def _env_option(text: str) -> tuple[str, str]:
-    try:
-        return parse_env_assignment(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _share(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
@@ -936,7 +929,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("benchmarks"), help="output folder (default: benchmarks)")
     parser.add_argument("--name", default="soak", help="file name prefix of the report (default: soak)")
     parser.add_argument(
-        "--env", action="append", type=_env_option, default=[], metavar="KEY=VALUE",
+        "--env", action="append", type=env_option, default=[], metavar="KEY=VALUE",
         help="an environment setting for the spawned server (repeatable)",
     )  # fmt: skip
     parser.add_argument(
@@ -1047,10 +1040,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # SIGTERM ends the soak like Ctrl-C does: through the `finally` that stops the spawned server.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted: server stopped, no report written", file=sys.stderr)
-        sys.exit(130)
+    run_command(main, "server stopped")

@@ -27,6 +27,13 @@ def release_freed_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS. glibc otherwise keeps them:
     loading tiny.en and base leaves ~180 MB of resident, unused memory behind."""
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand the free pages of every malloc arena back to the OS (glibc's malloc_trim). glibc
+    returns only the top of a heap on its own; what a batch's tensors freed in the middle of one
+    stays resident, and under a changing mix of batch shapes that creeps up round after round."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do

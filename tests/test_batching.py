@@ -291,3 +291,17 @@ def test_a_failing_row_fails_only_its_own_request(engine, read_audio):
     for clip, result in zip(ENGLISH_READ[1:4], results[1:]):
         assert not isinstance(result, Exception), result
         assert english_wer([clip.text], [result[0].text]) <= 0.2
+
+
+def test_retry_after_follows_the_measured_drain_rate():
+    from optim.scheduler.core import MAX_RETRY_AFTER_S, drain_seconds
+
+    # 40 windows finished over the last 20 s: 2 a second; 30 ahead take 15 s
+    finished = [(100.0 + t, 4) for t in range(0, 20, 2)]
+    assert drain_seconds(30, finished, now=120.0, estimated_rate=100.0) == 15
+    # a slower server asks clients to wait longer for the same queue
+    assert drain_seconds(30, finished[::2], now=120.0, estimated_rate=100.0) == 30
+    # before two batches have finished, the per-window estimate; always within [1, MAX_RETRY_AFTER_S]
+    assert drain_seconds(10, [], now=0.0, estimated_rate=2.0) == 5
+    assert drain_seconds(0, finished, now=120.0, estimated_rate=1.0) == 1
+    assert drain_seconds(10_000, finished, now=120.0, estimated_rate=1.0) == MAX_RETRY_AFTER_S

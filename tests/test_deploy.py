@@ -699,6 +699,7 @@ METRICS: dict[str, tuple[str, set[str]]] = {
     "whisper_queue_requests": ("gauge", set()),
     "whisper_model_weight_bytes": ("gauge", {"model", "variant"}),
     "whisper_variant_cache_bytes": ("gauge", set()),
+    "whisper_pending_audio_seconds": ("gauge", set()),
     "whisper_process_peak_resident_memory_bytes": ("gauge", set()),
     "process_resident_memory_bytes": ("gauge", set()),
     "whisper_cuda_memory_allocated_bytes": ("gauge", {"device"}),

@@ -83,6 +83,7 @@ def test_a_client_that_leaves_costs_nothing_more(tiny_server, long_flac, clips):
     time.sleep(1.0)
     assert cpu_seconds(pid) - start < 0.15, "the server still computes for a client that left"
     assert metric(url, "whisper_requests_total", endpoint="transcriptions", status="4xx") == before + 1  # a 499
+    assert metric(url, "whisper_pending_audio_seconds") == 0  # its decoded audio is given back
     ok = post(httpx.Client(base_url=url, timeout=60), clips["jfk"].data, "jfk.flac")
     assert ok.status_code == 200 and english_wer([clips["jfk"].text], [ok.json()["text"]]) <= 0.05
 
@@ -207,3 +208,42 @@ def test_64_clients_each_get_their_own_transcript(tiny_server, clips):
         own = english_wer([clip.text], [text])
         others = [english_wer([c.text], [text]) for c in english if c.text != clip.text]
         assert own <= 0.3 and own < min(others), (clip.id, text)
+
+
+def test_decoded_audio_is_bounded_across_requests(long_flac, tmp_path):
+    """Two 240-s uploads at once against a 300-s budget of decoded audio: one is transcribed,
+    the other refused with 503 + Retry-After while it decodes (not after holding all of it)."""
+    import asyncio
+
+    env = dict(MODELS="tiny.en", DEFAULT_MODEL="tiny.en", MODELS_DIR=str(tmp_path), MAX_AUDIO_SECONDS="250",
+               MAX_PENDING_AUDIO_SECONDS="300")  # fmt: skip
+    with Server(**env) as srv:
+
+        async def both() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=300) as client:
+                send = lambda: client.post("/v1/audio/transcriptions", files={"file": ("long.flac", long_flac)})  # noqa: E731
+                return await asyncio.gather(send(), send())
+
+        answers = sorted(asyncio.run(both()), key=lambda r: r.status_code)
+        assert [r.status_code for r in answers] == [200, 503]
+        assert answers[1].json()["error"]["code"] == "server_overloaded" and int(answers[1].headers["Retry-After"]) >= 1
+        assert "MAX_PENDING_AUDIO_SECONDS" in answers[1].json()["error"]["message"]
+        assert metric(srv.url, "whisper_pending_audio_seconds") == 0
+
+
+def test_a_share_of_the_budget_is_given_back_and_then_closed():
+    from optim.budget import AudioBudget, AudioBudgetFull
+
+    budget = AudioBudget(10.0)
+    with budget.share() as a:
+        a.grow(6 * 16_000)
+        with budget.share() as b:
+            with pytest.raises(AudioBudgetFull):
+                b.grow(5 * 16_000)  # 11 s in all
+            b.grow(4 * 16_000)
+            assert budget.held_seconds == 10
+        assert budget.held_seconds == 6
+    assert budget.held == 0
+    with pytest.raises(AudioBudgetFull):  # a decoder still running after its request ended stops
+        a.grow(7 * 16_000)
+    assert budget.held == 0

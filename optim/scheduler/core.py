@@ -37,6 +37,17 @@ DRAIN_WINDOW_S = 60.0  # Retry-After: the drain rate measured over this much rec
 MAX_RETRY_AFTER_S = 120
 
 
+def drain_seconds(ahead: int, drained: list[tuple[float, int]], now: float, estimated_rate: float) -> int:
+    """Whole seconds until `ahead` windows have drained, at the rate `drained` shows ((when,
+    windows) of recent batches), or at `estimated_rate` windows a second before two batches have
+    finished; at least 1 s, at most MAX_RETRY_AFTER_S."""
+    if len(drained) >= 2:
+        rate = sum(n for _, n in drained) / max(now - drained[0][0], 1.0)
+    else:
+        rate = estimated_rate
+    return min(MAX_RETRY_AFTER_S, max(1, math.ceil(ahead / rate)))
+
+
 @dataclass(eq=False)  # compared (and hashed) by identity
 class _Request:
     key: QueueKey
@@ -174,12 +185,7 @@ class Scheduler:
         while self._drained and now - self._drained[0][0] > DRAIN_WINDOW_S:
             self._drained.popleft()
         ahead = self.queued_windows + self.config.max_batch_size  # + what is running now
-        if len(self._drained) >= 2:
-            span = max(now - self._drained[0][0], 1.0)
-            rate = sum(n for _, n in self._drained) / span
-        else:
-            rate = 1 / self._seconds_per_window
-        return min(MAX_RETRY_AFTER_S, max(1, math.ceil(ahead / rate)))
+        return drain_seconds(ahead, list(self._drained), now, 1 / self._seconds_per_window)
 
     # ---------------------------------------------------------------- batching
     def _wake(self, model_id: str) -> None:
