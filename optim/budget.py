@@ -75,7 +75,13 @@ class Share:
             if self.closed:
                 raise AudioBudgetFull(self.budget.capacity_seconds, self.budget.retry_after())
             if total > self.samples:
-                self.budget._take(total - self.samples)
+                try:
+                    self.budget._take(total - self.samples)
+                except AudioBudgetFull:  # this request is refused: its part goes back at once, for the others
+                    self.closed = True
+                    self.budget._give_back(self.samples)
+                    self.samples = 0
+                    raise
                 self.samples = total
 
     def __enter__(self) -> "Share":

@@ -225,9 +225,11 @@ def test_decoded_audio_is_bounded_across_requests(long_flac, tmp_path):
                 return await asyncio.gather(send(), send())
 
         answers = sorted(asyncio.run(both()), key=lambda r: r.status_code)
-        assert [r.status_code for r in answers] == [200, 503]
-        assert answers[1].json()["error"]["code"] == "server_overloaded" and int(answers[1].headers["Retry-After"]) >= 1
-        assert "MAX_PENDING_AUDIO_SECONDS" in answers[1].json()["error"]["message"]
+        # one is refused; rarely both (each asks for its next second in the same instant)
+        assert [r.status_code for r in answers] in ([200, 503], [503, 503]), [r.text for r in answers]
+        refused = answers[-1]
+        assert refused.json()["error"]["code"] == "server_overloaded" and int(refused.headers["Retry-After"]) >= 1
+        assert "MAX_PENDING_AUDIO_SECONDS" in refused.json()["error"]["message"]
         assert metric(srv.url, "whisper_pending_audio_seconds") == 0
 
 
@@ -238,10 +240,11 @@ def test_a_share_of_the_budget_is_given_back_and_then_closed():
     with budget.share() as a:
         a.grow(6 * 16_000)
         with budget.share() as b:
-            with pytest.raises(AudioBudgetFull):
-                b.grow(5 * 16_000)  # 11 s in all
             b.grow(4 * 16_000)
             assert budget.held_seconds == 10
+            with pytest.raises(AudioBudgetFull):
+                b.grow(5 * 16_000)  # 11 s in all: b is refused and gives its part back at once
+            assert budget.held_seconds == 6
         assert budget.held_seconds == 6
     assert budget.held == 0
     with pytest.raises(AudioBudgetFull):  # a decoder still running after its request ended stops
