@@ -1,6 +1,10 @@
 """API keys: with any key configured (API_KEYS, API_KEYS_FILE), every request under /v1 needs
 `Authorization: Bearer <key>`, what OpenAI's clients send from their `api_key`.
 
+WebSocket handshakes under /v1 (GET /v1/realtime) need the key too, in the same header (the
+SDK's realtime client sends it): without it the handshake is answered 401 with the same body,
+before any session starts.
+
 An ASGI middleware rather than a dependency of the routers, so that it also answers for paths
 under /v1 that no route serves (401, not 404: an unauthenticated client learns nothing of the
 API) and runs before the upload-size limit (401, not 413, and no body is read). `/health` and
@@ -17,6 +21,8 @@ import hashlib
 import hmac
 from pathlib import Path
 
+from starlette.responses import Response
+from starlette.status import WS_1008_POLICY_VIOLATION
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import error_response
@@ -97,7 +103,7 @@ class APIKeyAuth:
         return matched and token is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.protects(scope.get("path", "")):
+        if scope["type"] not in ("http", "websocket") or not self.protects(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
         authorization = next((v for k, v in scope["headers"] if k == b"authorization"), None)
@@ -105,6 +111,23 @@ class APIKeyAuth:
         if self.accepts(token):
             await self.app(scope, receive, send)
             return
-        response = error_response(InvalidAPIKey(missing=token is None))
+        error = InvalidAPIKey(missing=token is None)
+        response = error_response(error)
         response.headers["WWW-Authenticate"] = "Bearer"
+        if scope["type"] == "websocket":
+            await refuse_websocket(scope, receive, send, response, error.message)
+            return
         await response(scope, receive, send)
+
+
+async def refuse_websocket(scope: Scope, receive: Receive, send: Send, response: Response, reason: str) -> None:
+    """Refuse a WebSocket handshake before it is accepted: with the HTTP answer itself (401 and
+    OpenAI's error body: the SDK raises it as `InvalidStatus`) where the server supports ASGI's
+    denial-response extension (uvicorn does), else a close with 1008 (policy violation) and the reason."""
+    message = await receive()  # websocket.connect
+    if message["type"] != "websocket.connect":
+        return
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await response(scope, receive, send)
+    else:
+        await send({"type": "websocket.close", "code": WS_1008_POLICY_VIOLATION, "reason": reason[:120]})

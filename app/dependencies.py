@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from fastapi import Request
+from starlette.requests import HTTPConnection
 
 from app.metrics import Metrics
+from app.realtime import RealtimeHub
 from app.service import TranscriptionService
 from app.shutdown import Shutdown
 from optim.models import ModelStore
@@ -24,3 +26,8 @@ def get_metrics(request: Request) -> Metrics:
 
 def get_shutdown(request: Request) -> Shutdown:
     return request.app.state.shutdown
+
+
+def get_realtime(connection: HTTPConnection) -> RealtimeHub:
+    """For WebSocket routes too (a WebSocket is an HTTPConnection, not a Request)."""
+    return connection.app.state.realtime

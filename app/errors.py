@@ -62,6 +62,12 @@ def error_body(status: int, message: str, code: str, param: str | None = None) -
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def error_object(error: ServiceError) -> dict:
+    """The error's {"message", "type", "param", "code"}, as in the HTTP body: what a realtime
+    `error` event carries (app/realtime.py), typed by the status its kind would have."""
+    return error_body(STATUS[error.kind], error.message, error.code, error.param)["error"]
+
+
 def error_response(error: ServiceError) -> JSONResponse:
     api = APIError(error)
     return JSONResponse(error_body(api.status_code, error.message, error.code, error.param), api.status_code, api.headers)

@@ -14,11 +14,13 @@ from starlette.formparsers import MultiPartParser
 
 from app.api import audio, health, models
 from app.api import metrics as metrics_api
+from app.api import realtime as realtime_api
 from app.auth import APIKeyAuth, configured_keys
 from app.errors import install_error_handlers
 from app.limits import UploadSizeLimit
 from app.metrics import Metrics, RequestCounter
 from app.openapi import install_docs, install_openapi
+from app.realtime import RealtimeHub
 from app.service import TranscriptionService
 from app.settings import Settings
 from app.shutdown import Shutdown
@@ -61,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routers = (health.router, models.router, audio.router, metrics_api.router)
     for router in routers:
         app.include_router(router)
+    app.include_router(realtime_api.router)  # GET /v1/realtime (WebSocket): not counted, it has its own metrics
     # Every route tagged as counted is counted by the request counter, under its route name.
     counted = {r.path: r.name for router in routers for r in router.routes if isinstance(r, APIRoute) and audio.COUNTED in r.tags}
 
@@ -81,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     budget = AudioBudget(settings.max_pending_audio_seconds, retry_after=scheduler.retry_after)
     service = TranscriptionService(engine, scheduler, metrics, settings, shutdown, budget)  # checks the default model is served
     metrics.watch(store, scheduler, budget)
+    realtime = RealtimeHub(service, settings, metrics, shutdown)
     metrics.initialize([store.ref(m, check_ready=False) for m in store.sources] + store.startup_variants)
 
     @asynccontextmanager
@@ -90,12 +94,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         loading.cancel()
         await scheduler.close()
+        realtime.close()
         engine.close()
 
     app.router.lifespan_context = lifespan
     app.state.service = service
     app.state.shutdown = shutdown
     app.state.metrics = metrics
+    app.state.realtime = realtime
     install_error_handlers(app)
     keys = configured_keys(settings)
     install_openapi(app, api_keys=bool(keys))

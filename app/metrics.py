@@ -37,6 +37,8 @@ RTFX_BUCKETS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 200, 500)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 ERROR_RATE_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0)
+REALTIME_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
+INTERIM_OUTCOMES = ("run", "skipped", "preempted")  # an interim decode started, was skipped (no room), or gave way to a final
 
 
 disable_created_metrics()  # no `_created` series: Prometheus does not need them, and they double /metrics
@@ -64,6 +66,11 @@ class Metrics:
             [*model_variant, "endpoint"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.in_flight = Gauge("whisper_requests_in_flight", "Requests being transcribed now.", model_variant, registry=r)
+        self.stream_first_delta_seconds = Histogram(
+            "whisper_stream_first_delta_seconds",
+            "A streamed transcription (stream=true): from the parsed request to its first text delta sent.",
+            model_variant, buckets=LATENCY_BUCKETS, registry=r,
+        )
 
         # Stages of a successful transcription.
         self.queue_seconds = Histogram(
@@ -114,6 +121,33 @@ class Metrics:
             [*model_variant, "unit"], registry=r,
         )
 
+        # Realtime sessions (GET /v1/realtime, app/realtime.py). Unlabelled (the outcome label has a
+        # fixed pair of values, created here), so every series exists at zero before the first session.
+        self.realtime_sessions = Gauge("whisper_realtime_sessions", "Realtime WebSocket sessions open now.", registry=r)
+        self.realtime_turn_seconds = Histogram(
+            "whisper_realtime_turn_latency_seconds",
+            "End of a realtime turn (the audio chunk in which the VAD heard it end, or the client's commit) to its "
+            "completed transcript sent.", buckets=REALTIME_BUCKETS, registry=r,
+        )
+        self.realtime_first_delta_seconds = Histogram(
+            "whisper_realtime_first_delta_seconds",
+            "Speech detected in a realtime turn (the audio chunk in which the VAD heard it start) to the turn's first "
+            "transcription delta sent.", buckets=REALTIME_BUCKETS, registry=r,
+        )
+        self.realtime_audio_seconds = Counter(
+            "whisper_realtime_audio_seconds", "Seconds of audio received by realtime sessions.", registry=r
+        )
+        self.realtime_vad_seconds = Counter(
+            "whisper_realtime_vad_cpu_seconds", "CPU seconds spent in voice activity detection (Silero VAD) for realtime sessions.",
+            registry=r,
+        )
+        self.realtime_interim = Counter(
+            "whisper_realtime_interim_decodes", "Interim decodes of realtime turns being spoken: run (started), skipped "
+            "(the engine had no room), preempted (cancelled for another turn's final decode).", ["outcome"], registry=r,
+        )
+        for outcome in INTERIM_OUTCOMES:
+            self.realtime_interim.labels(outcome)
+
     def initialize(self, refs: list[ModelRef]) -> None:
         """Create every series of these (model, variant) pairs at zero. A series that first appears
         already at 1 loses that first increment to rate() and increase() (Prometheus sees no change),
@@ -131,7 +165,7 @@ class Metrics:
         per_variant = (
             self.requests, self.request_seconds, self.in_flight, self.queue_seconds, self.compute_seconds,
             self.audio_seconds, self.rtfx, self.batch_size, self.padding_ratio, self.batch_seconds,
-            self.wer, self.cer, self.reference_errors, self.reference_units,
+            self.wer, self.cer, self.reference_errors, self.reference_units, self.stream_first_delta_seconds,
         )
         for ref in refs:
             for metric in per_variant:
@@ -244,6 +278,8 @@ class RequestCounter:
             raise
         finally:
             model, variant = scope.get("state", {}).get("model_labels", (UNRESOLVED, UNRESOLVED))
+            # A streamed response started 200 but may end otherwise (an error event, a client that left): app/streaming.py
+            status = scope.get("state", {}).get("final_status", status)
             self.metrics.requests.labels(model, variant, endpoint, status_class(status)).inc()
             if status_class(status) == "2xx":
                 self.metrics.request_seconds.labels(model, variant, endpoint).observe(time.perf_counter() - start)

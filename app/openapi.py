@@ -26,6 +26,7 @@ from swagger_ui_bundle import swagger_ui_path
 from app.api.audio import COUNTED
 from app.errors import CLIENT_CLOSED, STATUS
 from app.formats import RENDERERS
+from app.streaming import MEDIA_TYPE as EVENT_STREAM
 from optim.errors import Kind
 
 # ------------------------------------------------------------------------------ the document
@@ -53,6 +54,7 @@ PATH_ERRORS: dict[str, list[Kind]] = {"/v1/models/{model_id}": [Kind.NOT_FOUND]}
 BEARER = "apiKey"  # the security scheme's name
 READY_PATH = "/ready"  # its 503 is the readiness report, as its 200 is
 RETRY_AFTER = {Kind.OVERLOADED, Kind.NOT_READY, Kind.RATE_LIMITED}  # the kinds answered with a Retry-After
+STREAMED_PATHS = {"/v1/audio/transcriptions"}  # stream=true answers server-sent events (app/streaming.py)
 
 
 def _error_kinds(path: str, operation: dict) -> list[Kind]:
@@ -77,12 +79,16 @@ def _error_response(status: int, kinds: list[Kind]) -> dict:
     return response
 
 
-def _success_content() -> dict:
-    """The audio routes answer in the requested `response_format`: JSON or text."""
-    return {
+def _success_content(streamed: bool = False) -> dict:
+    """The audio routes answer in the requested `response_format`: JSON or text; a streamed one
+    (`stream=true`) with server-sent events."""
+    content = {
         media: {"schema": {"type": "object"} if media == "application/json" else {"type": "string"}}
         for media in dict.fromkeys(media for media, _ in RENDERERS.values())
     }
+    if streamed:
+        content[EVENT_STREAM] = {"schema": {"type": "string"}}
+    return content
 
 
 def correct(document: dict, api_keys: bool = False) -> dict:
@@ -97,7 +103,7 @@ def correct(document: dict, api_keys: bool = False) -> dict:
             responses = operation["responses"]
             responses.pop("422", None)
             if COUNTED in operation.get("tags", []):
-                responses["200"]["content"] = _success_content()
+                responses["200"]["content"] = _success_content(streamed=path in STREAMED_PATHS)
             by_status: dict[int, list[Kind]] = {}
             for kind in _error_kinds(path, operation):
                 by_status.setdefault(STATUS[kind], []).append(kind)

@@ -6,6 +6,7 @@ app/errors.py turns into statuses; each finished request is reported to the metr
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from fastapi import UploadFile
 from starlette.concurrency import run_in_threadpool
@@ -90,9 +91,16 @@ class TranscriptionService:
             self.metrics.decode_seconds.observe(time.perf_counter() - start)
 
     async def transcribe(
-        self, file: UploadFile, ref: ModelRef, options: TranscriptionOptions, reference: str | None = None
+        self,
+        file: UploadFile,
+        ref: ModelRef,
+        options: TranscriptionOptions,
+        reference: str | None = None,
+        on_text: Callable[[str], None] | None = None,
+        on_queued: Callable[[], None] | None = None,
     ) -> Outcome:
-        """Transcribe for a reference from `resolve_model`."""
+        """Transcribe for a reference from `resolve_model`. `on_text` and `on_queued`: a streamed
+        request's (app/streaming.py), passed to `Scheduler.transcribe`."""
         self.shutdown.check()
         if reference is not None and not has_words(reference):
             raise InvalidRequest("reference has no words; leave the field out to transcribe without scoring", "reference")
@@ -109,7 +117,7 @@ class TranscriptionService:
                 audio = await self.decode(data, share)
                 decode_seconds = time.perf_counter() - decode_start
                 del data
-                transcript, timing = await self.scheduler.transcribe(ref, audio.samples, options)
+                transcript, timing = await self.scheduler.transcribe(ref, audio.samples, options, on_text, on_queued)
                 del audio
         finally:
             in_flight.dec()

@@ -104,6 +104,22 @@ class Settings(BaseSettings):
         None, description="A file of API keys, one per line (blank lines and lines starting with # are ignored)."
     )
     metrics_require_key: bool = Field(False, description="/metrics needs an API key too (when keys are configured).")
+    max_realtime_sessions: int = Field(
+        16, ge=0, description="Realtime WebSocket sessions (GET /v1/realtime) open at once; past it a new one gets an "
+        "`error` event (`session_limit_reached`) and is closed with code 1013 (try again later)."
+    )
+    realtime_idle_timeout_s: float = Field(
+        60.0, gt=0, description="A realtime session with no client event for this long is closed (code 1000, reason `idle timeout`)."
+    )
+    realtime_max_turn_s: float = Field(
+        30.0, gt=0, le=300, description="Longest realtime turn: with server_vad a turn is committed when it reaches this much "
+        "audio (speech going on continues in a new item); without turn detection an append past it is refused "
+        "(`input_audio_buffer_full`) until the client commits or clears."
+    )
+    realtime_interim_ms: float = Field(
+        1000.0, ge=0, description="While a realtime turn is spoken, re-decode it every this many milliseconds of new audio "
+        "and send the words two decodes agree on as transcription deltas (0: no interim decodes, only completed)."
+    )
 
     @field_validator("models", "variants", "preload_variants", "api_keys", "on_demand_variants", mode="before")
     @classmethod

@@ -657,7 +657,7 @@ def test_prometheus_scrapes_the_compose_services_every_5s(compose_model):
         assert host in services and int(port) in [p["target"] for p in services[host]["ports"]]
     # Target labels must not collide with the service's own metric labels.
     for group in job["static_configs"]:
-        assert not set(group.get("labels", {})) & {"model", "variant", "endpoint", "status", "stage", "unit", "device"}
+        assert not set(group.get("labels", {})) & {"model", "variant", "endpoint", "status", "stage", "unit", "device", "outcome"}
 
 
 def test_grafana_provisioning_points_at_the_mounted_files(compose_model):
@@ -695,6 +695,7 @@ METRICS: dict[str, tuple[str, set[str]]] = {
     "whisper_reference_units_total": ("counter", {"model", "variant", "unit"}),
     "process_cpu_seconds_total": ("counter", set()),
     "whisper_requests_in_flight": ("gauge", {"model", "variant"}),
+    "whisper_stream_first_delta_seconds": ("histogram", {"model", "variant"}),
     "whisper_queue_windows": ("gauge", {"model"}),
     "whisper_queue_requests": ("gauge", set()),
     "whisper_model_weight_bytes": ("gauge", {"model", "variant"}),
@@ -714,11 +715,17 @@ METRICS: dict[str, tuple[str, set[str]]] = {
     "whisper_batch_seconds": ("histogram", {"model", "variant"}),
     "whisper_wer": ("histogram", {"model", "variant"}),
     "whisper_cer": ("histogram", {"model", "variant"}),
+    "whisper_realtime_sessions": ("gauge", set()),
+    "whisper_realtime_audio_seconds_total": ("counter", set()),
+    "whisper_realtime_vad_cpu_seconds_total": ("counter", set()),
+    "whisper_realtime_interim_decodes_total": ("counter", {"outcome"}),
+    "whisper_realtime_turn_latency_seconds": ("histogram", set()),
+    "whisper_realtime_first_delta_seconds": ("histogram", set()),
 }
 TARGET_LABELS = {"instance", "job", "flavor"}  # added by Prometheus / docker/prometheus/prometheus.yml
 GRAFANA_RANGES = {"$__rate_interval", "$__range", "$__interval"}
 PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset", "and", "or", "unless"}
-SECTIONS = ["Traffic", "Latency", "Speed", "Batching", "Memory", "Accuracy"]
+SECTIONS = ["Traffic", "Latency", "Speed", "Batching", "Memory", "Accuracy", "Realtime"]
 
 
 def series(name: str) -> tuple[str, str, set[str]]:

@@ -74,3 +74,36 @@ def test_a_batch_comes_from_one_queue():
     b = [QueuedWindow(10.0, enqueued=0.1)]
     choice = DurationPolicy().choose({"a": a, "b": b}, now=1.0, limits=LIMITS, seconds_per_window=0.5)
     assert choice.key == "a" and choice.batch == a
+
+
+@pytest.mark.parametrize("policy", [DurationPolicy(), FifoPolicy()])
+def test_a_leading_window_runs_before_the_rest_of_its_request(policy):
+    """A streamed file's first window (leading) is never batched with the file's later windows:
+    they wait until it has been dispatched. Other requests' windows may still join it."""
+    streamed, other = object(), object()
+    leading = QueuedWindow(28.0, enqueued=0.0, request=streamed, leading=True)
+    rest = [QueuedWindow(28.0, enqueued=0.0, request=streamed) for _ in range(5)]  # a full batch on their own
+    short = QueuedWindow(9.0, enqueued=0.01, request=other)
+    limits = Limits(max_batch_size=4, max_wait=0.05, max_batch_audio=240.0)
+    # young: the rest would make a full queue, but they are held behind the leading window, which waits for company
+    young = policy.choose({"a": [*rest, leading]}, now=0.01, limits=limits, seconds_per_window=0.5)
+    assert young.batch == [] and young.wait == pytest.approx(0.04)
+    first = policy.choose({"a": [*rest, leading, short]}, now=0.1, limits=limits, seconds_per_window=0.5)
+    assert first.batch[0] is leading and set(first.batch) == {leading, short}
+    # once it has run the rest batch as usual
+    then = policy.choose({"a": rest}, now=0.1, limits=limits, seconds_per_window=0.5)
+    assert len(then.batch) == 4 and set(then.batch) <= set(rest)
+    # a request with no leading window is not held: a plain file's windows batch together at once
+    plain = [QueuedWindow(28.0, enqueued=0.0, request=other) for _ in range(4)]
+    assert len(policy.choose({"a": plain}, now=0.0, limits=limits, seconds_per_window=0.5).batch) == 4
+
+
+def test_a_leading_window_waits_its_turn_among_requests():
+    """Leading is about its own request's windows, not a priority over others': an older request's
+    window still seeds first (duration policy, fair-queueing) and the leading one may join it."""
+    streamed = object()
+    older = QueuedWindow(30.0, enqueued=0.0)
+    leading = QueuedWindow(30.0, enqueued=1.0, request=streamed, leading=True)
+    rest = [QueuedWindow(30.0, enqueued=1.0, request=streamed) for _ in range(3)]
+    choice = DurationPolicy().choose({"a": [older, *rest, leading]}, now=2.0, limits=LIMITS, seconds_per_window=0.5)
+    assert choice.batch == [older, leading]

@@ -40,7 +40,8 @@ CUDA_ONLY = re.compile(r"whisper_cuda_\w+")
 def scraped(clips):
     """A server and a Prometheus scraping it every second, after two rounds of requests (so that
     every rate() has two different samples to compare): per variant, clips with a reference, a
-    long one that shares batches, and a refused upload."""
+    long one that shares batches, a refused upload and a streamed one; and a realtime session (one
+    server_vad turn with interim deltas)."""
     with (
         Server(MODELS="tiny.en", DEFAULT_MODEL="tiny.en", PRELOAD_VARIANTS="tiny.en:flash,tiny.en:int8") as server,
         Prometheus(target=server.url.removeprefix("http://"), interval="1s") as prometheus,
@@ -61,8 +62,34 @@ def scraped(clips):
                     "/v1/audio/transcriptions", files={"file": ("x.wav", b"not audio")}, data={"model": f"tiny.en:{variant}"}
                 )
                 assert refused.status_code == 415
+                streamed = client.post(  # stream=true: the first-delta latency
+                    "/v1/audio/transcriptions", files={"file": ("jfk.flac", clips["jfk"].data)},
+                    data={"model": f"tiny.en:{variant}", "stream": "true"},
+                )
+                assert streamed.status_code == 200 and "transcript.text.done" in streamed.text
+            realtime_turn(server.url, clips["jfk"])
             prometheus.wait_for_scrapes(3)
         yield prometheus
+
+
+def realtime_turn(url: str, clip) -> None:
+    """One realtime session: the clip and some silence at twice real time, with server_vad, until
+    its turn is completed (interim deltas on the way: the realtime panels have data)."""
+    import asyncio
+
+    from tests.test_realtime import Run, client, collect_until, pcm, receive, send_audio, silence
+
+    async def go() -> Run:
+        run = Run()
+        async with client(url).realtime.connect(model="tiny.en") as conn:
+            await receive(conn)
+            sender = asyncio.create_task(send_audio(conn, pcm(clip.path) + silence(1.5)))
+            await collect_until(conn, run, lambda r: bool(r.of("conversation.item.input_audio_transcription.completed")))
+            await sender
+        return run
+
+    run = asyncio.run(go())
+    assert run.of("conversation.item.input_audio_transcription.delta")
 
 
 def _finite(result: list[dict]) -> list[float]:
@@ -105,7 +132,8 @@ def test_template_variables_list_the_served_names(scraped):
 
 def test_throughput_and_wer_queries_agree_with_what_was_sent(scraped, clips):
     audio = sum(float(s["value"][1]) for s in scraped.query("sum by (model, variant) (whisper_audio_seconds_total)"))
-    sent = 2 * len(VARIANTS) * (clips["jfk"].duration + clips["lj-LJ001-0002"].duration)
+    # per round and variant: jfk and LJ001-0002 with references, jfk streamed
+    sent = 2 * len(VARIANTS) * (2 * clips["jfk"].duration + clips["lj-LJ001-0002"].duration)
     assert audio == pytest.approx(sent, abs=0.1)  # the manifest rounds durations to 0.1 s
     words = scraped.query('sum(whisper_reference_units_total{unit="word"})')
     assert float(words[0]["value"][1]) == 2 * len(VARIANTS) * (len(clips["jfk"].text.split()) + len(clips["lj-LJ001-0002"].text.split()))

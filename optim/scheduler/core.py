@@ -6,6 +6,11 @@ queue of its (model reference, task) → run in a batch → a window whose resul
 back to the queue (full context, or hotter), and so does the rest of a window the model
 stopped short of (as openai-whisper's transcribe() seeks) → when every window is final, assemble.
 
+A streamed request (`on_text`) is told its text as it becomes final, in audio order: each time
+the windows before the earliest unfinished one are all final, the text they add (`on_text`'s
+deltas joined are exactly the assembled transcript's `text`). Its first window is *leading*:
+the policy runs it before the rest of the request's windows, so the first text comes early.
+
 Which windows run together is the batching policy's choice (optim/scheduler/policy.py), asked
 each time a model's worker is free. With `max_batch_size=1` nothing waits: every window runs
 alone (batching off).
@@ -55,6 +60,9 @@ class _Request:
     arrived: float
     outstanding: int  # windows not yet final (continuations add to it)
     done: asyncio.Future
+    on_text: Callable[[str], None] | None = None  # streamed: told each delta of the final text, in order
+    unfinished: list[float] = field(default_factory=list)  # streamed: offsets of the windows not yet final (queued or running)
+    sent: str = ""  # the text told to on_text so far
     results: list[WindowResult] = field(default_factory=list)
     served: int = 0  # windows dispatched so far (fairness)
     first_dispatch: float | None = None
@@ -70,6 +78,7 @@ class _Pending:
     request: _Request
     window: Window
     enqueued: float
+    leading: bool = False  # a streamed request's first window (and its retries): runs before the rest
 
     @property
     def padded_seconds(self) -> float:
@@ -126,19 +135,37 @@ class Scheduler:
         """Requests admitted and not yet answered (waiting or running)."""
         return self._admitted
 
-    async def transcribe(self, ref: ModelRef, samples: np.ndarray, options: TranscriptionOptions) -> tuple[Transcript, Timing]:
-        """The transcript of `samples`, and how its windows were scheduled."""
+    async def transcribe(
+        self,
+        ref: ModelRef,
+        samples: np.ndarray,
+        options: TranscriptionOptions,
+        on_text: Callable[[str], None] | None = None,
+        on_queued: Callable[[], None] | None = None,
+    ) -> tuple[Transcript, Timing]:
+        """The transcript of `samples`, and how its windows were scheduled. With `on_text` the
+        request is streamed: `on_text` is called (on the event loop) with each piece of the final
+        text as soon as it and all the audio before it are final; the pieces joined are the
+        transcript's `text`. `on_queued` is called once the request is admitted, its model loaded
+        and its windows queued (it is not called for audio that needs no model: silence)."""
         if self._refusal is not None:
             raise self._refusal
         if self._admitted >= self.config.max_queue:
             raise QueueFull(self.retry_after())
         self._admitted += 1
         try:
-            return await self._transcribe(ref, samples, options)
+            return await self._transcribe(ref, samples, options, on_text, on_queued)
         finally:
             self._admitted -= 1
 
-    async def _transcribe(self, ref: ModelRef, samples: np.ndarray, options: TranscriptionOptions) -> tuple[Transcript, Timing]:
+    async def _transcribe(
+        self,
+        ref: ModelRef,
+        samples: np.ndarray,
+        options: TranscriptionOptions,
+        on_text: Callable[[str], None] | None,
+        on_queued: Callable[[], None] | None,
+    ) -> tuple[Transcript, Timing]:
         arrived = time.perf_counter()
         await self.engine.ensure_loaded(ref, options)
         duration = len(samples) / SAMPLE_RATE
@@ -146,11 +173,16 @@ class Scheduler:
             return assemble(ref, options.task, duration, []), Timing()
         windows = await asyncio.to_thread(self.engine.windows, ref, samples, options)
         loop = asyncio.get_running_loop()
-        request = _Request((ref, options.task), duration, arrived, len(windows), loop.create_future())
+        request = _Request(
+            (ref, options.task), duration, arrived, len(windows), loop.create_future(), on_text,
+            [w.offset for w in windows] if on_text is not None else [],
+        )
         now = time.perf_counter()
-        self._queues[request.key] += [_Pending(request, w, now) for w in windows]
+        self._queues[request.key] += [_Pending(request, w, now, leading=on_text is not None and i == 0) for i, w in enumerate(windows)]
         self._live.add(request)
         self._wake(ref.model)
+        if on_queued is not None:
+            on_queued()
         try:
             await request.done
         except asyncio.CancelledError:  # client gone: its windows leave the queue, its rows the batch
@@ -277,13 +309,43 @@ class Scheduler:
             request.decoder_padding.append(stats.decoder_padding)
             if request.done.done():
                 continue  # cancelled meanwhile
+            streamed = request.on_text is not None
+            if streamed:
+                request.unfinished.remove(p.window.offset)
             if result.retry is not None:  # not final: back in the queue
-                self._queues[request.key].append(_Pending(request, result.retry, now))
+                self._queues[request.key].append(_Pending(request, result.retry, now, leading=p.leading))
+                if streamed:
+                    request.unfinished.append(result.retry.offset)
                 continue
             request.results.append(result)
             request.outstanding -= 1
             if result.rest is not None:  # the model stopped early: the rest of the window goes again
                 self._queues[request.key].append(_Pending(request, result.rest, now))
                 request.outstanding += 1
+                if streamed:
+                    request.unfinished.append(result.rest.offset)
+            if streamed:
+                self._stream(request)
             if request.outstanding == 0:
                 request.done.set_result(None)
+
+    @staticmethod
+    def _stream(request: _Request) -> None:
+        """Tell a streamed request the text its final prefix adds: the windows before its earliest
+        unfinished one (a later result always starts after it: continuations start past their
+        window, retries where it starts). Stripped as `assemble` strips the whole text, so the
+        deltas joined are exactly the transcript's `text`: what is left out at the end (spaces)
+        comes with the next delta, if any text follows it."""
+        frontier = min(request.unfinished, default=math.inf)
+        final = [r for r in sorted(request.results, key=lambda r: r.offset) if r.offset < frontier]
+        text = "".join(s["text"] for r in final for s in r.segments).strip()
+        if len(text) <= len(request.sent):
+            return
+        if not text.startswith(request.sent):  # cannot happen (see above); never retract what was sent
+            log.error("a streamed request's final text changed under what was sent")
+            return
+        delta, request.sent = text[len(request.sent) :], text
+        try:
+            request.on_text(delta)
+        except Exception:  # the listener's failure is its own, never the worker's
+            log.exception("a streamed request's on_text failed")

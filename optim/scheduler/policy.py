@@ -9,6 +9,11 @@ Each time a model's worker is free the scheduler asks `choose` for the next batc
 * the batch is filled from the seed's queue with the candidates the policy prefers, up to
   `max_batch_size` windows and `max_batch_audio` seconds of padded audio (rows × longest).
 
+A *leading* window (the first window of a streamed request: its text is the first the client
+sees) goes in a batch before the rest of its request's windows: while it waits, they are held
+back, so it is never batched with them (it still may be with other requests' windows). A
+streamed 5-minute file's first text then costs one window's decoding, not a full batch's.
+
 Policies differ in two orders. `fifo` (the baseline): arrival, both for the seed and the fill.
 `duration`: the seed by fair-queueing priority, a window's enqueue time plus the compute its
 request already had (windows served × seconds per window), so a short request is not held behind
@@ -20,7 +25,7 @@ Adding a policy: subclass `BatchPolicy`, override `priority` and/or `affinity`, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Hashable, Literal, Mapping, Protocol, Sequence, TypeVar
 
 PolicyName = Literal["duration", "fifo"]
@@ -38,14 +43,22 @@ class Waiting(Protocol):
     @property
     def served(self) -> int: ...  # windows its request has had dispatched so far
 
+    @property
+    def request(self) -> Hashable: ...  # the request it belongs to (its identity)
+
+    @property
+    def leading(self) -> bool: ...  # runs before the rest of its request's windows (a stream's first text)
+
 
 @dataclass(frozen=True, eq=False)
 class QueuedWindow:
-    """A plain `Waiting`: what tests and tools build by hand."""
+    """A plain `Waiting`: what tests and tools build by hand (each its own request unless told)."""
 
     padded_seconds: float
     enqueued: float
     served: int = 0
+    request: Hashable = field(default_factory=object)
+    leading: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,8 @@ class BatchPolicy:
         return (w.enqueued,)
 
     def choose(self, queues: Mapping[K, Sequence[W]], now: float, limits: Limits, seconds_per_window: float) -> Choice:
+        held = _held(queues)  # behind their leading window: not candidates yet
+        queues = {k: [w for w in q if w.leading or w.request not in held] for k, q in queues.items()}
         queues = {k: q for k, q in queues.items() if q}
         pending = [w for q in queues.values() for w in q]
         if not pending:
@@ -98,6 +113,11 @@ class BatchPolicy:
                 batch.append(w)
                 longest = max(longest, w.padded_seconds)
         return Choice(key, batch)
+
+
+def _held(queues: Mapping[K, Sequence[W]]) -> set[Hashable]:
+    """The requests with a leading window waiting: their other windows wait until it has run."""
+    return {w.request for q in queues.values() for w in q if w.leading}
 
 
 class FifoPolicy(BatchPolicy):

@@ -24,9 +24,23 @@ it sums pairs of products in int16 (vpmaddubsw), where 2 × 255 × 127 overflows
 use 7 bits there (`REDUCE_RANGE`, as torch.ao does by default). The words can therefore differ
 between the two kinds of CPU; on either, batched equals unbatched.
 
+**The decoder's activations in two passes.** 8 bits of a row's peak are coarse where a channel
+stands out: the inputs of the MLP's output layer and of the cross-attention K/V peak at 12-28×
+their RMS (base, en_hard), so an ordinary value gets a handful of levels. In the decoder that
+rounding decides words: on hard speech, delaying the audio by 1-3 samples moved one-pass int8's
+WER between 31.2 and 35.8 % while fp32's stayed within 31.9-32.3 %. So every decoder layer (the
+output projection and the cross-attention K/V included) runs `TwoPassInt8Linear`: the first
+pass's rounding error, at most half a step, is stretched to [-1, 1], quantized again and
+multiplied by the same int8 weights, which leaves activations good to about 16 bits (an 8-bit
+step of an 8-bit step) and only the weights' own rounding. The second GEMM is cheap there: the
+decoder multiplies a few rows per step, and its cost is per-call overhead more than arithmetic.
+The encoder, where 1500 rows per window make the GEMM the cost, stays at one pass: two passes
+there would be slower than float32. Still row by row, so still bitwise batch-invariant.
+
 Measured in one run (base, `python -m benchmarks.int8`, benchmarks/int8.md): see the table
-there for WER and speed against fp32 of this int8, of the 7-bit per-row one and of the old
-per-tensor one.
+there for WER and speed against fp32 of this int8, of the one-pass one, of the 7-bit per-row
+one and of the old per-tensor one; `--shifts` (benchmarks/int8_shifts.md) for how far a
+1-sample delay moves each.
 
 Two traps in openai-whisper: the logits are `x @ token_embedding.weight.T`, not a layer at all,
 so an int8 linear over the embedding matrix becomes the decoder's output projection; and the
@@ -120,15 +134,31 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features).float()
         # abs().amax(), not linalg.vector_norm(inf): the same value, 12× faster on (1500, 2048)
         scale = rows.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)
-        y = _fixed_range_linear(rows / scale, *self.qparams, self._packed)
+        y = self._matmul(rows / scale)
         y = y.mul_(scale) if self.bias is None else torch.addcmul(self.bias, y, scale)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _matmul(self, rows: Tensor) -> Tensor:
+        """W·q(rows) for rows in [-1, 1], in float32."""
+        return _fixed_range_linear(rows, *self.qparams, self._packed)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # The packed weight is an fbgemm object, invisible to state_dict; expose it (unpacked) so
         # that memory accounting (optim.variants.modules.nbytes) sees the int8 weights.
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "qweight"] = torch.ops.quantized.linear_unpack(self._packed)[0]
+
+
+class TwoPassInt8Linear(Int8Linear):
+    """Int8Linear with activations good to about 16 bits: the first pass's rounding error, itself
+    quantized over [-1, 1], goes through the same int8 weights a second time (module doc)."""
+
+    def _matmul(self, rows: Tensor) -> Tensor:
+        step, zero = self.qparams
+        # What the first pass multiplied: fbgemm rounds half up (not to even) on the uint8 grid.
+        rounded = (torch.floor(rows * (1 / step) + (zero + 0.5)).clamp_(0, 2 * zero - 1) - zero) * step
+        error = (rows - rounded).mul_(2 / step)  # within ±step/2, stretched to [-1, 1]
+        return super()._matmul(rows).add_(super()._matmul(error), alpha=step / 2)
 
 
 class Int8Embedding(nn.Module):
@@ -162,6 +192,9 @@ def apply_int8(model: Whisper) -> Whisper:
         linear = getattr(parent, name)
         setattr(parent, name, Int8Linear(linear.weight, linear.bias))
         del linear
+    for module in decoder.modules():  # the decoder's activations in two passes (module doc)
+        if type(module) is Int8Linear:
+            module.__class__ = TwoPassInt8Linear
     model.float()  # what stays floating (convolutions, norms, positions) from the stored float16; a no-op on float32
     release_freed_memory()
     return model
