@@ -385,10 +385,13 @@ def markdown(document: dict) -> str:
         "the turn's first `delta` received; `interim`: share of turns whose first delta came before the turn ended.",
         "",
     ]
+    if document.get("note"):
+        lines += [document["note"], ""]
     for target in document["targets"]:
+        lines += [f"## {target['target']} (served as {target.get('served_as') or 'n/a'})", ""]
+        if target.get("command"):  # measured by another run than the document's command
+            lines += [f"`{target['command']}`" + (f", {target['date']}" if target.get("date") else ""), ""]
         lines += [
-            f"## {target['target']} (served as {target.get('served_as') or 'n/a'})",
-            "",
             "| sessions | turns | completed | end of turn p50 (s) | p95 (s) | max (s) | first delta p50 (s) | p95 (s) | interim | WER % | "
             "VAD CPU ms per audio s | interim decodes run / skipped / preempted | cores busy: server / client / whole machine |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -425,6 +428,8 @@ def chart(document: dict, path: Path) -> None:
     ax1.axhline(document["settings"]["target_p95"], color="grey", lw=0.8, ls=":")
     for ax, title in ((ax1, "end of turn → completed (s)"), (ax2, "speech start → first delta (s)")):
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(document["settings"]["levels"], [str(n) for n in document["settings"]["levels"]])
         ax.set_xlabel("concurrent realtime sessions")
         ax.set_title(title)
         ax.grid(alpha=0.3)
