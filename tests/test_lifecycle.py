@@ -184,7 +184,9 @@ def test_sigterm_deadline_answers_what_is_left_with_503(long_flac, tmp_path):
         assert response is not None, box  # an answer, not a reset
         assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
         assert srv.process.wait(15) == 0
-        assert time.monotonic() - signalled < 3 + 5
+        # the deadline, then the batch step in flight and the interpreter's exit: 3-6 s of that on a
+        # loaded 2-core machine (9.1 s in all measured once, under another run's load); a hang is 15+
+        assert time.monotonic() - signalled < 3 + 10
 
 
 def test_64_clients_each_get_their_own_transcript(tiny_server, clips):
