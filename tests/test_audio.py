@@ -42,6 +42,7 @@ def speech(clips) -> np.ndarray:
 
 
 def test_real_files_of_each_shipped_kind(clips):
+    decode_audio(clips["jfk"].data)  # a pool a library starts once on first use is not a leak; one per decode would be
     threads, tasks = threading.active_count(), _tasks()
     for clip in clips.values():  # flac 44.1 kHz stereo, wav 22.05/16 kHz, mp3 48 kHz, ogg/opus 48 kHz
         audio = decode_audio(clip.data)
