@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import av
+from loadtest.realtime import decode_pcm
 import httpx
 import numpy as np
 import pytest
@@ -49,13 +49,7 @@ SERVER_EVENTS = _server_event_types()
 
 def pcm(path: Path, rate: int = RATE) -> bytes:
     """A clip as 16-bit little-endian mono PCM at `rate` (FFmpeg's resampler: independent of ours)."""
-    out = []
-    with av.open(str(path)) as container:
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
-        for frame in container.decode(audio=0):
-            out += [f.to_ndarray().astype("<i2").tobytes() for f in resampler.resample(frame)]
-        out += [f.to_ndarray().astype("<i2").tobytes() for f in resampler.resample(None)]
-    return b"".join(out)
+    return decode_pcm(path, rate)
 
 
 def silence(seconds: float, rate: int = RATE) -> bytes:
