@@ -75,7 +75,7 @@ class Settings(BaseSettings):
         "duration", description="`duration`: batch windows of similar length; `fifo`: in arrival order (baseline)."
     )
     dynamic_audio_context: bool = Field(
-        True, description="Run the encoder over the batch's longest window (rounded up to 5 s, at least 15 s) instead of 30 s."
+        True, description="Run the encoder over each window's own length (rounded up to 5 s, at least 15 s) instead of 30 s."
     )
     silence_peak: float = Field(
         1e-3, ge=0, description="Audio whose peak amplitude is below this is silence: empty text, no model call."

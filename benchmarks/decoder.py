@@ -94,7 +94,7 @@ def run_engine(engine: WhisperEngine, ref, config: SchedulerConfig, clips) -> tu
     async def go():
         scheduler = Scheduler(engine, config)
         steps, contexts = [], []
-        scheduler.on_batch = lambda _ref, stats, _seconds: (steps.append(sum(stats.decoder_steps)), contexts.append(stats.encoder_frames))
+        scheduler.on_batch = lambda _ref, stats, _seconds: (steps.append(sum(stats.decoder_steps)), contexts.extend(stats.encoder_frames))
         await scheduler.transcribe(ref, clips[0].samples, TranscriptionOptions(language="en"))  # warm-up
         steps.clear(), contexts.clear()
         texts, seconds = [], 0.0

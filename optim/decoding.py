@@ -3,8 +3,12 @@
 openai-whisper's `decode()` accepts a batch, but every row shares one prompt length, the
 encoder always sees 30 s, and a finished row keeps being fed until the longest one ends. Here:
 
-* the encoder runs over the batch's longest window, rounded up (`audio_context`), instead of
-  always 3000 mel frames, when the caller asks for a shortened context;
+* the encoder runs over each window's own length, rounded up (`audio_context`), instead of
+  always 3000 mel frames, when the caller asks for a shortened context. Each row's context is its
+  own, not the batch's longest: a window's words do not depend on what shares its batch (a
+  streamed request's first window, decoded alone, gets the words the whole file gets), and a
+  short window is not encoded over a long neighbour's padding. Rows of different contexts are
+  padded to the longest in the cross-attention, and a mask hides the padding;
 * rows may carry prompts of different lengths: the prompt is right-padded, every row keeps
   its own position in a preallocated key/value cache, and a mask hides the padding;
 * cross-attention keys/values are computed once per batch and shared by language detection
@@ -78,15 +82,15 @@ class WindowOutput:
 @dataclass
 class BatchStats:
     batch_size: int
-    encoder_frames: int  # mel frames the encoder ran over, per row
+    encoder_frames: list[int]  # mel frames the encoder ran over, per row (its context)
     content_frames: list[int]  # real frames per row
     decoder_steps: list[int]  # tokens sampled per row
 
     @property
     def encoder_padding(self) -> float:
-        """Share of the encoder's input that is padding: 1 − Σ frames / (rows × context). This
-        is work really spent, the 30-s (or 15-s minimum) context included."""
-        return 1 - sum(self.content_frames) / (self.batch_size * self.encoder_frames)
+        """Share of the encoder's input that is padding: 1 − Σ frames / Σ contexts. This is work
+        really spent: the 30-s context, or the 15-s minimum and the rounding up of a shortened one."""
+        return 1 - sum(self.content_frames) / sum(self.encoder_frames)
 
     @property
     def length_padding(self) -> float:
@@ -100,13 +104,13 @@ class BatchStats:
         return 1 - sum(self.decoder_steps) / (self.batch_size * longest) if longest else 0.0
 
 
-def audio_context(frames: list[int], shorten: bool, step: int = 500, minimum: int = 1500) -> int:
-    """Mel frames the encoder runs over: 3000 (30 s, as openai-whisper), or the longest window
-    rounded up to `step` frames and at least `minimum`, so similar batches share a shape."""
+def audio_context(frames: int, shorten: bool, step: int = 500, minimum: int = 1500) -> int:
+    """Mel frames the encoder runs over for a window of `frames`: 3000 (30 s, as openai-whisper),
+    or the window rounded up to `step` frames and at least `minimum`, so that windows of similar
+    length share a shape (and a batch's rows mostly one context)."""
     if not shorten:
         return N_FRAMES
-    longest = max(frames)
-    return min(N_FRAMES, max(minimum, -(-longest // step) * step))
+    return min(N_FRAMES, max(minimum, -(-frames // step) * step))
 
 
 def encode(model: Whisper, mel: Tensor) -> Tensor:
@@ -123,6 +127,20 @@ def encode(model: Whisper, mel: Tensor) -> Tensor:
     return _encode(model, mel)
 
 
+def encode_windows(model: Whisper, windows: list["WindowInput"], contexts: list[int], dtype: torch.dtype) -> list[Tensor]:
+    """Each window's encoder output over its own context (its log-mel zero-padded to it, as in
+    openai-whisper's transcribe()), the windows of one context in one call."""
+    outputs: list[Tensor] = [None] * len(windows)  # type: ignore[list-item]
+    for context in sorted(set(contexts)):
+        rows = [i for i, c in enumerate(contexts) if c == context]
+        mel = torch.zeros(len(rows), windows[0].mel.shape[0], context, dtype=dtype, device=model.device)
+        for j, i in enumerate(rows):
+            mel[j, :, : windows[i].frames] = windows[i].mel[:, :context].to(model.device, dtype)
+        for j, audio in zip(rows, encode(model, mel)):
+            outputs[j] = audio
+    return outputs
+
+
 def _encode(model: Whisper, mel: Tensor) -> Tensor:
     encoder = model.encoder
     if mel.shape[-1] == N_FRAMES:
@@ -136,19 +154,22 @@ def _encode(model: Whisper, mel: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Per-layer self-attention keys/values, (rows, capacity, width), each row at its own length."""
+    """Per-layer self-attention keys/values, (rows, capacity, width), each row at its own length,
+    and cross-attention keys/values, (rows, longest audio context, width), each row over its own
+    audio (`audio_mask`: which positions are real; None when every row has the same context)."""
 
-    def __init__(self, model: Whisper, rows: int, capacity: int, audio: Tensor, fused_attention: bool = False):
+    def __init__(self, model: Whisper, rows: int, capacity: int, audio: list[Tensor], fused_attention: bool = False):
         decoder = model.decoder
         self.fused_attention = fused_attention  # SDPA instead of the explicit softmax
         width = model.dims.n_text_state
+        first = audio[0]
         # zeros, not empty: masked slots get zero weight, but 0 × NaN from stale memory is NaN
         self.self_kv = [
-            (audio.new_zeros(rows, capacity, width), audio.new_zeros(rows, capacity, width)) for _ in decoder.blocks
+            (first.new_zeros(rows, capacity, width), first.new_zeros(rows, capacity, width)) for _ in decoder.blocks
         ]
         # cross-attention keys/values: computed once, shared by language detection and decoding
-        self.cross_kv = [(b.cross_attn.key(audio), b.cross_attn.value(audio)) for b in decoder.blocks]
-        self.lengths = torch.zeros(rows, dtype=torch.long, device=audio.device)
+        self.cross_kv, self.audio_mask = _cross_kv(decoder, audio)
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=first.device)
 
     def probe(self, rows: Tensor) -> "KVCache":
         """A one-token cache for `rows`, sharing their cross-attention keys/values (language detection)."""
@@ -156,6 +177,7 @@ class KVCache:
         probe.fused_attention = self.fused_attention
         probe.self_kv = [(k[rows, :1].clone(), v[rows, :1].clone()) for k, v in self.self_kv]
         probe.cross_kv = [(k[rows], v[rows]) for k, v in self.cross_kv]
+        probe.audio_mask = None if self.audio_mask is None else self.audio_mask[rows]
         probe.lengths = torch.zeros(len(rows), dtype=torch.long, device=rows.device)
         return probe
 
@@ -172,7 +194,38 @@ class KVCache:
         n = len(rows)
         self.self_kv = [(k[:n], v[:n]) for k, v in self.self_kv]
         self.cross_kv = [(k[:n], v[:n]) for k, v in self.cross_kv]
-        self.lengths = self.lengths[torch.tensor(rows, device=self.lengths.device)]
+        index = torch.tensor(rows, device=self.lengths.device)
+        self.lengths = self.lengths[index]
+        if self.audio_mask is not None:
+            self.audio_mask = self.audio_mask[index]
+
+
+def _cross_kv(decoder, audio: list[Tensor]) -> tuple[list[tuple[Tensor, Tensor]], Tensor | None]:
+    """Each decoder layer's cross-attention keys/values of every row's encoder output, and the
+    mask of the real audio positions. Rows of one context are projected together; with mixed
+    contexts each group is projected over its own positions only and written into zero-padded
+    buffers, so a row's keys are the same as alone (a projection of padding could even be NaN:
+    int8's per-row scale of an all-zero row)."""
+    lengths = [a.shape[0] for a in audio]
+    if len(set(lengths)) == 1:
+        stacked = torch.stack(audio)
+        return [(b.cross_attn.key(stacked), b.cross_attn.value(stacked)) for b in decoder.blocks], None
+    longest, first = max(lengths), audio[0]
+    groups = [[i for i, n in enumerate(lengths) if n == length] for length in sorted(set(lengths))]
+    stacked = [(torch.stack([audio[i] for i in rows]), torch.tensor(rows, device=first.device)) for rows in groups]
+    kv = []
+    for block in decoder.blocks:
+        k = v = None
+        for x, index in stacked:
+            gk, gv = block.cross_attn.key(x), block.cross_attn.value(x)
+            if k is None:
+                k = gk.new_zeros(len(audio), longest, gk.shape[-1])
+                v = gv.new_zeros(len(audio), longest, gv.shape[-1])
+            k[index, : x.shape[1]] = gk
+            v[index, : x.shape[1]] = gv
+        kv.append((k, v))
+    mask = torch.arange(longest, device=first.device)[None, :] < torch.tensor(lengths, device=first.device)[:, None]
+    return kv, mask
 
 
 def _attend(attn: MultiHeadAttention, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, fused: bool) -> Tensor:
@@ -199,6 +252,7 @@ def decoder_hidden(model: Whisper, tokens: Tensor, cache: KVCache, new_lengths: 
     x = (decoder.token_embedding(tokens) + decoder.positional_embedding[positions].to(xa_dtype)).to(xa_dtype)
     keys = int(cache.lengths.max()) + n
     mask = torch.arange(keys, device=tokens.device)[None, None, :] <= positions[:, :, None]  # causal, per row
+    audio_mask = None if cache.audio_mask is None else cache.audio_mask[:, None, :]  # each row's own audio
     row_index = torch.arange(rows, device=tokens.device)[:, None]
     for block, (k_cache, v_cache), (ck, cv) in zip(decoder.blocks, cache.self_kv, cache.cross_kv):
         attn, cross = block.attn, block.cross_attn
@@ -206,7 +260,7 @@ def decoder_hidden(model: Whisper, tokens: Tensor, cache: KVCache, new_lengths: 
         k_cache[row_index, positions] = attn.key(h)
         v_cache[row_index, positions] = attn.value(h)
         x = x + attn.out(_attend(attn, attn.query(h), k_cache[:, :keys], v_cache[:, :keys], mask, cache.fused_attention))
-        x = x + cross.out(_attend(cross, cross.query(block.cross_attn_ln(x)), ck, cv, None, cache.fused_attention))
+        x = x + cross.out(_attend(cross, cross.query(block.cross_attn_ln(x)), ck, cv, audio_mask, cache.fused_attention))
         x = x + block.mlp(block.mlp_ln(x))
     cache.lengths = cache.lengths + new_lengths
     return decoder.ln(x)
@@ -285,15 +339,12 @@ def decode_batch(
     dtype = torch.float16 if half else torch.float32
     rows = len(windows)
     frames = [w.frames for w in windows]
-    context = audio_context(frames, shorten_context and not any(w.full_context for w in windows))
-    shortened = context < N_FRAMES
-    mel = torch.zeros(rows, windows[0].mel.shape[0], context, dtype=dtype, device=device)
-    for i, w in enumerate(windows):  # zero-padded like openai-whisper's transcribe()
-        mel[i, :, : w.frames] = w.mel[:, :context].to(device, dtype)
-    audio = encode(model, mel)
+    contexts = [audio_context(w.frames, shorten_context and not w.full_context) for w in windows]
+    shortened = [c < N_FRAMES for c in contexts]
+    audio = encode_windows(model, windows, contexts, dtype)
 
     cache = KVCache(model, rows, max(len(w.prompt) + 1 for w in windows) + 3 + SAMPLE_LEN, audio, fused_attention)
-    del mel, audio  # the cross-attention keys/values are all the decoder needs of the audio
+    del audio  # the cross-attention keys/values are all the decoder needs of the audio
     languages, no_speech, next_logits = _prefill(model, tokenizer, windows, cache)
 
     precision = CHUNK_LENGTH / model.dims.n_audio_ctx  # 0.02 s per timestamp token
@@ -306,7 +357,11 @@ def decode_batch(
     samplers = [torch.Generator(device=device).manual_seed(w.seed) if w.temperature > 0 else None for w in windows]
     durations = [w.frames / FRAMES_PER_SECOND for w in windows]
     budgets = [int(BUDGET_BASE_TOKENS + BUDGET_TOKENS_PER_SECOND * d) for d in durations]
-    last_timestamp = torch.tensor([tokenizer.timestamp_begin + round(d / precision) for d in durations], device=device)
+    # no timestamp past a shortened row's real end (a 30-s row: no bound beyond the vocabulary's)
+    last_timestamp = torch.tensor(
+        [tokenizer.timestamp_begin + round(d / precision) if short else next_logits.shape[-1] for d, short in zip(durations, shortened)],
+        device=device,
+    )
     sampled: list[list[int]] = [[] for _ in range(rows)]
     sum_logprobs = [0.0] * rows
     guard_tripped = [False] * rows
@@ -315,7 +370,7 @@ def decode_batch(
     vocabulary = torch.arange(next_logits.shape[-1], device=device)[None, :]
     for step in range(SAMPLE_LEN):
         scores = next_logits.float()
-        if shortened:  # no timestamp past the real end of the window
+        if any(shortened):  # no timestamp past the real end of the window
             scores = scores.masked_fill(vocabulary > last_timestamp[active][:, None], float("-inf"))
         for rule in rules:
             rule.apply(scores, generated)
@@ -333,7 +388,7 @@ def decode_batch(
                 finished.append(j)
                 continue
             sampled[row].append(token)
-            if shortened:
+            if shortened[row]:
                 tail = sampled[row][-2:]
                 closing = token >= tokenizer.timestamp_begin and len(tail) == 2 and tail[0] < tokenizer.eot
                 if closing and (token - tokenizer.timestamp_begin) * precision >= durations[row] - END_GUARD_SECONDS:
@@ -370,7 +425,7 @@ def decode_batch(
                 guard_tripped=guard_tripped[row],
             )
         )
-    stats = BatchStats(rows, context, frames, [len(s) + 1 for s in sampled])
+    stats = BatchStats(rows, contexts, frames, [len(s) + 1 for s in sampled])
     return outputs, stats
 
 

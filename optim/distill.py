@@ -147,7 +147,7 @@ def encode_windows(teacher: Whisper, mels: list[Tensor]) -> list[Tensor]:
     out = []
     with torch.inference_mode():
         for mel in tqdm(mels, desc="encoder outputs", unit="window"):
-            context = audio_context([mel.shape[-1]], shorten=True)
+            context = audio_context(mel.shape[-1], shorten=True)
             padded = torch.zeros(mel.shape[0], context)
             padded[:, : mel.shape[-1]] = mel[:, :context]
             out.append(encode(teacher, padded[None])[0].to(torch.float16))

@@ -148,10 +148,9 @@ class WhisperEngine:
             outputs, stats = decode_batch(
                 model, tokenizer, inputs, shorten_context, half=half, fused_attention=ref.variant.fused_attention
             )
-        shortened = stats.encoder_frames < whisper.audio.N_FRAMES
         results = []
-        for window, out, gone in zip(windows, outputs, abandoned):
-            again = fallback.retry(window, out, shortened)
+        for window, out, gone, context in zip(windows, outputs, abandoned, stats.encoder_frames):
+            again = fallback.retry(window, out, shortened=context < whisper.audio.N_FRAMES)
             if gone():
                 results.append(WindowResult(window.offset, [], out.language))
             elif again is not None:

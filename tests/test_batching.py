@@ -74,6 +74,23 @@ def test_batched_equals_unbatched(engine, read_audio, variant):
     assert english_wer([c.text for c in ENGLISH_READ], [t.text for t in together]) < 0.10
 
 
+@pytest.mark.parametrize("variant", ["flash", "int8+flash"])
+def test_dynamic_context_is_batch_invariant(engine, read_audio, variant):
+    """With the dynamic audio context each row runs over its own context (its own length rounded
+    up, at least 15 s), not the batch's longest: short clips batched with 20-30-s windows get the
+    words they get alone. (A context set by the batch made a streamed request's first window,
+    decoded alone, differ from the same window in the whole file's batch.)"""
+    long_samples = decode_audio(LONG_FORM[0].data).samples
+    pieces = [long_samples[start:end] for start, end in split_at_pauses(long_samples)[:3]]
+    audio = [*read_audio, *pieces]
+    options = [ENGLISH] * len(audio)
+    alone, _ = run_all(engine, SchedulerConfig(max_batch_size=1, shorten_context=True), audio, options, variant)
+    together, batches = run_all(engine, SchedulerConfig(max_batch_size=len(audio), max_wait=0.5, shorten_context=True), audio, options, variant)
+    assert any(len(set(b.encoder_frames)) > 1 for b in batches)  # rows of different contexts shared a batch
+    assert [t.text for t in together] == [t.text for t in alone]
+    assert english_wer([c.text for c in ENGLISH_READ], [t.text for t in together[: len(read_audio)]]) < 0.10
+
+
 def test_sampled_rows_draw_the_same_alone_or_batched(engine, read_audio):
     """At a fixed temperature every token is sampled: each row has its own seeded sampler, so a
     window's words do not depend on what shares its batch (a shared generator's draws would),
@@ -102,8 +119,8 @@ def test_dynamic_context_keeps_the_words(engine, read_audio):
     (README: en_read WER 7.36 → 7.02 % for tiny.en)."""
     full, full_batches = run_all(engine, SchedulerConfig(max_batch_size=8, shorten_context=False), read_audio, [ENGLISH] * 6)
     short, short_batches = run_all(engine, SchedulerConfig(max_batch_size=8, shorten_context=True), read_audio, [ENGLISH] * 6)
-    assert {b.encoder_frames for b in full_batches} == {3000}
-    assert {b.encoder_frames for b in short_batches} == {1500}
+    assert {f for b in full_batches for f in b.encoder_frames} == {3000}
+    assert {f for b in short_batches for f in b.encoder_frames} == {1500}
     assert short_batches[0].encoder_padding < full_batches[0].encoder_padding - 0.2
     references = [c.text for c in ENGLISH_READ]
     assert english_wer(references, [t.text for t in short]) <= english_wer(references, [t.text for t in full]) + 0.02
@@ -129,7 +146,10 @@ def mean_padding(batches: list[list[float]], kind: str) -> float:
     ratios = []
     for durations in batches:
         frames = [round(d * 100) for d in durations]
-        ratios.append(getattr(BatchStats(len(frames), audio_context(frames, True), frames, [1]), kind))
+        if kind == "batch_context_padding":  # one context for the batch, its longest window's
+            ratios.append(1 - sum(frames) / (len(frames) * audio_context(max(frames), True)))
+        else:
+            ratios.append(getattr(BatchStats(len(frames), [audio_context(f, True) for f in frames], frames, [1]), kind))
     return float(np.mean(ratios))
 
 
@@ -143,8 +163,17 @@ def test_duration_buckets_cut_padding_against_first_come():
     assert all(max(b) - min(b) < 8 for b in by_duration)  # similar lengths together
     # the grouping itself: over half the padding gone
     assert mean_padding(by_duration, "length_padding") < 0.5 * mean_padding(first_come, "length_padding")
-    # the encoder's real input: less, because short windows still run over the 15-s minimum context
-    assert mean_padding(by_duration, "encoder_padding") < 0.8 * mean_padding(first_come, "encoder_padding")
+    # the encoder's real input: each row runs over its own context, so its padding (the 15-s
+    # minimum, the rounding up) is the same whatever the grouping, and below a context set by
+    # the batch's longest window, which was first-come's price
+    assert pooled_encoder_padding(by_duration) == pytest.approx(pooled_encoder_padding(first_come))
+    assert mean_padding(first_come, "encoder_padding") < 0.7 * mean_padding(first_come, "batch_context_padding")
+
+
+def pooled_encoder_padding(batches: list[list[float]]) -> float:
+    """The encoder padding of all the batches together (1 − Σ frames / Σ contexts)."""
+    frames = [round(d * 100) for b in batches for d in b]
+    return 1 - sum(frames) / sum(audio_context(f, True) for f in frames)
 
 
 def test_a_partial_batch_runs_after_the_maximum_wait(engine, read_audio):

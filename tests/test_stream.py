@@ -116,18 +116,18 @@ def test_a_long_file_streams_window_by_window_in_audio_order_and_early(server, c
 
 
 @pytest.fixture(scope="module")
-def full_context_server(tmp_path_factory):
-    """The encoder always over 30 s: with a float variant (`flash`) a window's words do not depend
-    on its batch-mates (int8's nearly never do: README, Streamed transcripts). Batches of two
-    windows: a running batch is short, so a departed client's work is seen to stop soon."""
-    with Server(MODELS="tiny.en", DEFAULT_MODEL="tiny.en", MODELS_DIR=str(tmp_path_factory.mktemp("models")),
-                DYNAMIC_AUDIO_CONTEXT="false", MAX_BATCH_SIZE="2") as srv:  # fmt: skip
+def small_batch_server(tmp_path_factory):
+    """The default dynamic audio context, each row over its own: a window's words do not depend
+    on its batch-mates, so the streamed request's first window, decoded alone, gets the words it
+    gets in the whole file's batches. Batches of two windows: a running batch is short, so a
+    departed client's work is seen to stop soon."""
+    with Server(MODELS="tiny.en", DEFAULT_MODEL="tiny.en", MODELS_DIR=str(tmp_path_factory.mktemp("models")), MAX_BATCH_SIZE="2") as srv:
         yield srv
 
 
-def test_with_the_full_context_the_stream_is_the_json_text_exactly(full_context_server, long_speech):
+def test_the_stream_is_the_json_text_exactly(small_batch_server, long_speech):
     data, reference = long_speech
-    url = full_context_server.url
+    url = small_batch_server.url
     deltas, done, _ = stream(sdk(url), data, "long.flac", model="tiny.en:flash")
     verbose = post(httpx.Client(base_url=url, timeout=120), data, "long.flac", model="tiny.en:flash", response_format="verbose_json").json()
     assert done.text == verbose["text"] and english_wer([reference], [done.text]) <= 0.08
@@ -188,8 +188,8 @@ def test_an_error_after_the_stream_started_is_an_error_event_the_sdk_raises(clip
 # ------------------------------------------------------------------------------ a client that leaves
 
 
-def test_a_client_that_leaves_mid_stream_stops_its_work(full_context_server, clips):
-    url, pid = full_context_server.url, full_context_server.process.pid
+def test_a_client_that_leaves_mid_stream_stops_its_work(small_batch_server, clips):
+    url, pid = small_batch_server.url, small_batch_server.process.pid
     before = metric(url, "whisper_requests_total", endpoint="transcriptions", status="4xx")
     speech = decode_audio(clips["lj-LJ001-0001-0032-concat"].data).samples
     data = encode_audio(np.tile(speech, 3), "flac", "flac")  # 712 s: over 30 windows, in batches of two
@@ -267,7 +267,7 @@ class ScriptedEngine:
                 results.append(WindowResult(w.offset, [], "en"))
             else:
                 results.append(WindowResult(w.offset, [segment], "en"))
-        return results, BatchStats(len(windows), 1000, [1000] * len(windows), [1] * len(windows))
+        return results, BatchStats(len(windows), [1000] * len(windows), [1000] * len(windows), [1] * len(windows))
 
 
 def test_the_scheduler_streams_the_final_prefix_in_audio_order_through_retries_and_continuations():

@@ -96,7 +96,7 @@ class SchedulerConfig:
     max_batch_audio: float = 240.0  # seconds of padded audio per batch (rows × longest window)
     max_queue: int = 64  # requests admitted (waiting or running); past it: QueueFull
     policy: PolicyName = "duration"
-    shorten_context: bool = False  # encoder over the batch's longest window, not always 30 s
+    shorten_context: bool = False  # encoder over each window's own length (≥15 s), not always 30 s
 
     @property
     def limits(self) -> Limits:
