@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> None:
         + "; ".join(f"{r['config']}, {r['model']}: {', '.join(map(str, r['delta_seconds']))}" for r in rows),
         "",
         "`json vs streamed`: the WER of the streamed text against the non-streamed one (0: the same words). "
-        "With the dynamic audio context the encoder runs over a batch's longest window, and a streamed file's first window "
-        "runs alone (so its text comes first), so the file's windows are batched differently and a few words may differ, "
-        "as under any other load; with the full 30-s context and `flash` a window's words do not depend on its batch-mates at all.",
+        "A streamed file's first window runs alone (so its text comes first), so the file's windows are batched "
+        "differently; each row's encoder context is its own (the dynamic one included) and int8 quantizes each row's "
+        "activations on their own, so a window's words do not depend on its batch-mates.",
         "",
     ]
     write_results(args.out, "stream", result, "\n".join(lines))
