@@ -33,12 +33,14 @@ from optim.weights import resolve_model_sources
 log = logging.getLogger("app")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+def build_store(settings: Settings, only: str | None = None, load: bool = True, cls: type[ModelStore] = ModelStore) -> ModelStore:
+    """The settings' model store. `only`: just that model (a Ray model replica's); `load=False`:
+    nothing loaded or built at start-up (the Ray ingress, which resolves names but holds no weights)."""
     sources, startup = resolve_model_sources(settings.models, settings.models_dir)
-    store = ModelStore(
+    if only is not None:
+        sources, startup = {only: sources[only]}, [m for m in startup if m == only]
+    preload = [v for v in settings.preload_variants if only is None or v.partition(":")[0] == only]
+    return cls(
         sources,
         device=settings.device,
         variants=settings.variants or None,
@@ -46,11 +48,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         variant_idle_ttl=settings.variant_idle_ttl_s,
         models_dir=settings.models_dir,
         default_variant=settings.default_variant,
-        startup=startup,
-        startup_variants=settings.preload_variants,
+        startup=startup if load else [],
+        startup_variants=preload if load else [],
         on_demand=settings.on_demand_variants,
         builds_per_minute=settings.variant_builds_per_minute,
     )
+
+
+def scheduler_config(settings: Settings) -> SchedulerConfig:
+    return SchedulerConfig(
+        max_batch_size=settings.max_batch_size,
+        max_wait=settings.batch_max_wait_ms / 1000,
+        max_batch_audio=settings.max_batch_audio_seconds,
+        max_queue=settings.max_queue,
+        policy=settings.batch_policy,
+        shorten_context=settings.dynamic_audio_context,
+    )
+
+
+def build_scheduler(settings: Settings, engine: WhisperEngine, metrics: Metrics) -> Scheduler:
+    return Scheduler(engine, scheduler_config(settings), on_batch=metrics.observe_batch)
+
+
+def create_app(settings: Settings | None = None, store: ModelStore | None = None, scheduler_factory=None) -> FastAPI:
+    """`store` and `scheduler_factory` (engine, metrics → a scheduler) replace the local ones: the
+    Ray ingress (app/ray/) passes a store that loads nothing and a scheduler that calls model replicas."""
+    settings = settings or Settings()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    store = store or build_store(settings)
     engine = WhisperEngine(store, silence_peak=settings.silence_peak)
 
     app = FastAPI(
@@ -68,18 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     counted = {r.path: r.name for router in routers for r in router.routes if isinstance(r, APIRoute) and audio.COUNTED in r.tags}
 
     metrics = Metrics(endpoints=list(counted.values()))
-    scheduler = Scheduler(
-        engine,
-        SchedulerConfig(
-            max_batch_size=settings.max_batch_size,
-            max_wait=settings.batch_max_wait_ms / 1000,
-            max_batch_audio=settings.max_batch_audio_seconds,
-            max_queue=settings.max_queue,
-            policy=settings.batch_policy,
-            shorten_context=settings.dynamic_audio_context,
-        ),
-        on_batch=metrics.observe_batch,
-    )
+    scheduler = (scheduler_factory or build_scheduler)(settings, engine, metrics)
     shutdown = Shutdown(settings.shutdown_drain_s, settings.shutdown_timeout_s, abort=scheduler.abort)
     budget = AudioBudget(settings.max_pending_audio_seconds, retry_after=scheduler.retry_after)
     service = TranscriptionService(engine, scheduler, metrics, settings, shutdown, budget)  # checks the default model is served

@@ -121,6 +121,25 @@ class Settings(BaseSettings):
         "and send the words two decodes agree on as transcription deltas (0: no interim decodes, only completed)."
     )
 
+    # Ray Serve (python -m app.ray, app/ray/): not RAY_-prefixed, Ray reads RAY_* variables itself.
+    serve_min_replicas: int = Field(1, ge=1, description="Ray mode: fewest replicas per served model (equal to the maximum: a fixed count).")
+    serve_max_replicas: int = Field(1, ge=1, description="Ray mode: most replicas per served model (autoscaling above the minimum).")
+    serve_target_ongoing_requests: float = Field(
+        8.0, gt=0, description="Ray mode: requests in flight per model replica the autoscaler aims for (MAX_BATCH_SIZE keeps batches full)."
+    )
+    serve_replica_cpus: float = Field(
+        1.0, gt=0, description="Ray mode: CPUs reserved per model replica (TORCH_THREADS defaults to this, rounded, at least 1)."
+    )
+    serve_max_queued_requests: int = Field(
+        64, ge=1, description="Ray mode: requests waiting in Serve for a model replica; past it: 503 + Retry-After."
+    )
+    serve_request_timeout_s: float = Field(
+        900.0, gt=0, description="Ray mode: longest wait for a model replica's answer; past it: 503 + Retry-After (bounds any lost call)."
+    )
+    serve_ingress_replicas: int = Field(1, ge=1, description="Ray mode: replicas of the HTTP ingress (no weights, parsing and decoding).")
+    serve_http_host: str = Field("127.0.0.1", description="Ray mode: address Serve's HTTP proxy listens on.")
+    serve_http_port: int = Field(8000, description="Ray mode: port Serve's HTTP proxy listens on.")
+
     @field_validator("models", "variants", "preload_variants", "api_keys", "on_demand_variants", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
@@ -132,6 +151,8 @@ class Settings(BaseSettings):
     def _default_is_served(self) -> "Settings":
         if not self.models:
             raise ValueError("MODELS must name at least one model")
+        if self.serve_max_replicas < self.serve_min_replicas:
+            raise ValueError("SERVE_MAX_REPLICAS must be at least SERVE_MIN_REPLICAS")
         if self.max_pending_audio_seconds < self.max_audio_seconds:
             raise ValueError("MAX_PENDING_AUDIO_SECONDS must be at least MAX_AUDIO_SECONDS: one request of the longest audio must fit")
         return self

@@ -512,18 +512,19 @@ def compose(tmp_path_factory):
 @pytest.fixture(scope="module")
 def compose_model(compose) -> dict:
     """The resolved compose model with every profile (relative paths made absolute, defaults interpolated)."""
-    result = compose("--profile", "gpu", "config", "--format", "json")
+    result = compose("--profile", "gpu", "--profile", "ray", "config", "--format", "json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("profile", [None, "gpu"])
+@pytest.mark.parametrize("profile", [None, "gpu", "ray"])
 def test_compose_file_validates(compose, profile):
     args = ["--profile", profile] if profile else []
     result = compose(*args, "config", "-q")
     assert result.returncode == 0, result.stderr
     services = compose(*args, "config", "--services").stdout.split()
-    expected = {SERVICE, "prometheus", "grafana"} | ({GPU_SERVICE} if profile else set())
+    by_profile = {None: set(), "gpu": {GPU_SERVICE}, "ray": {"ray-head", "ray-worker", "prometheus-ray"}}
+    expected = {SERVICE, "prometheus", "grafana"} | by_profile[profile]
     assert set(services) == expected
 
 
@@ -597,8 +598,8 @@ def _seconds(duration: str) -> float:
 
 def test_compose_publishes_on_loopback_only_by_default(compose, compose_model):
     for name, service in compose_model["services"].items():
-        assert service["ports"], name
-        for port in service["ports"]:
+        assert service.get("ports") or name == "ray-worker", name  # the worker joins the head on the compose network only
+        for port in service.get("ports", []):
             assert port.get("host_ip") == "127.0.0.1", f"{name} publishes {port} beyond this machine"
     # BIND_ADDRESS opens them deliberately.
     result = compose("--profile", "gpu", "config", "--format", "json", env={**REQUIRED_ENV, "BIND_ADDRESS": "0.0.0.0"})
@@ -722,7 +723,8 @@ METRICS: dict[str, tuple[str, set[str]]] = {
     "whisper_realtime_turn_latency_seconds": ("histogram", set()),
     "whisper_realtime_first_delta_seconds": ("histogram", set()),
 }
-TARGET_LABELS = {"instance", "job", "flavor"}  # added by Prometheus / docker/prometheus/prometheus.yml
+# added by Prometheus / docker/prometheus/prometheus.yml, and the Ray replicas' service discovery (GET /metrics/targets)
+TARGET_LABELS = {"instance", "job", "flavor", "deployment", "replica", "pid"}
 GRAFANA_RANGES = {"$__rate_interval", "$__range", "$__interval"}
 PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset", "and", "or", "unless"}
 SECTIONS = ["Traffic", "Latency", "Speed", "Batching", "Memory", "Accuracy", "Realtime"]
@@ -813,7 +815,7 @@ def test_dashboard_layout_ids_and_datasources(dashboard):
 
 def test_dashboard_variables(dashboard):
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    assert set(variables) == {"model", "variant"}
+    assert set(variables) == {"model", "variant", "instance"}  # instance: one server, or each Ray replica
     for name, variable in variables.items():
         assert variable["type"] == "query" and variable["datasource"]["uid"] == "prometheus"
         assert variable["multi"] and variable["includeAll"] and variable["allValue"] == ".*"
@@ -833,7 +835,7 @@ def test_dashboard_queries_use_known_metrics_filters_and_windows(dashboard):
                 raise AssertionError(f"{where}: unknown metric {selector.metric}") from None
             seen.add(family)
             labels_in_expr |= labels
-            assert set(selector.matchers) <= labels, f"{where}: {selector.metric} has no label {set(selector.matchers) - labels}"
+            assert set(selector.matchers) <= labels | TARGET_LABELS, f"{where}: {selector.metric} has no label {set(selector.matchers) - labels}"
             # The dashboard's variables filter every series that has the label.
             for variable in ("model", "variant"):
                 if variable in labels:
