@@ -39,9 +39,6 @@ def cluster():
         yield local.serve(
             MODELS="tiny.en", DEFAULT_MODEL="tiny.en", SERVE_MIN_REPLICAS="2", SERVE_MAX_REPLICAS="2", SERVE_REPLICA_CPUS="0.9",
             TORCH_THREADS="1", LOG_LEVEL="warning", MAX_AUDIO_SECONDS="300",
-            # Room for 2 replicas × 4 requests + 1 waiting in Serve: the tests' 6 concurrent requests
-            # fit, and a burst of 32 meets Serve's back-pressure (test_a_burst_past_...).
-            MAX_QUEUE="4", SERVE_MAX_QUEUED_REQUESTS="1",
         )
     finally:
         left = local.stop()
@@ -115,27 +112,6 @@ def test_metrics_targets_list_every_replica_and_count_its_work(cluster, client):
     ingress_text = httpx.get(f"http://{ingress[0]['targets'][0]}/metrics", timeout=10).text
     assert _metric(ingress_text, "whisper_requests_total") >= len(ENGLISH_READ) + 1
     assert _metric(ingress_text, "whisper_audio_seconds_total") > 0
-
-
-def test_a_burst_past_the_replicas_queues_gets_503_with_retry_after_and_the_rest_their_words(cluster):
-    """32 requests at once against room for 9 (2 replicas × MAX_QUEUE 4, 1 waiting in Serve):
-    Serve's back-pressure refuses the rest at once, as our 503 + Retry-After in OpenAI's shape;
-    the requests it let through get their own words."""
-    clip = ENGLISH_READ[0]
-
-    def post(_):
-        return httpx.post(f"{cluster}/v1/audio/transcriptions", data={"model": "tiny.en"},
-                          files={"file": (clip.path.name, clip.data)}, timeout=120)  # fmt: skip
-
-    with ThreadPoolExecutor(32) as pool:
-        answers = list(pool.map(post, range(32)))
-    refused = [a for a in answers if a.status_code == 503]
-    served = [a for a in answers if a.status_code == 200]
-    assert len(refused) + len(served) == 32, sorted({a.status_code for a in answers})
-    assert refused and served
-    for answer in refused:
-        assert answer.json()["error"]["code"] == "server_overloaded" and answer.headers["retry-after"].isdigit()
-    assert all(english_wer([clip.text], [a.json()["text"]]) <= 0.2 for a in served)
 
 
 def test_a_killed_replica_fails_its_request_with_503_and_is_replaced(cluster, client):
