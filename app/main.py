@@ -26,8 +26,8 @@ from app.settings import Settings
 from app.shutdown import Shutdown
 from optim.budget import AudioBudget
 from optim.engine import WhisperEngine
-from optim.models import ModelStore
-from optim.scheduler import Scheduler, SchedulerConfig
+from optim.models import ModelStore, resolve_device
+from optim.scheduler import Scheduler, SchedulerConfig, lanes
 from optim.weights import resolve_model_sources
 
 log = logging.getLogger("app")
@@ -55,7 +55,12 @@ def build_store(settings: Settings, only: str | None = None, load: bool = True, 
     )
 
 
-def scheduler_config(settings: Settings) -> SchedulerConfig:
+def lane_plan(settings: Settings, cores: int | None = None) -> tuple[int, int]:
+    """(batches of a model at once, torch threads) on `cores` cores (default: this process's)."""
+    return lanes.plan(resolve_device(settings.device), cores or lanes.cpu_count(), settings.batch_lanes, settings.torch_threads)
+
+
+def scheduler_config(settings: Settings, cores: int | None = None) -> SchedulerConfig:
     return SchedulerConfig(
         max_batch_size=settings.max_batch_size,
         max_wait=settings.batch_max_wait_ms / 1000,
@@ -63,19 +68,19 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
         max_queue=settings.max_queue,
         policy=settings.batch_policy,
         shorten_context=settings.dynamic_audio_context,
+        lanes=lane_plan(settings, cores)[0],
     )
 
 
-def build_scheduler(settings: Settings, engine: WhisperEngine, metrics: Metrics) -> Scheduler:
-    return Scheduler(engine, scheduler_config(settings), on_batch=metrics.observe_batch)
+def build_scheduler(settings: Settings, engine: WhisperEngine, metrics: Metrics, cores: int | None = None) -> Scheduler:
+    return Scheduler(engine, scheduler_config(settings, cores), on_batch=metrics.observe_batch)
 
 
 def create_app(settings: Settings | None = None, store: ModelStore | None = None, scheduler_factory=None) -> FastAPI:
     """`store` and `scheduler_factory` (engine, metrics → a scheduler) replace the local ones: the
     Ray ingress (app/ray/) passes a store that loads nothing and a scheduler that calls model replicas."""
     settings = settings or Settings()
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    torch.set_num_threads(lane_plan(settings)[1])
     store = store or build_store(settings)
     engine = WhisperEngine(store, silence_peak=settings.silence_peak)
 

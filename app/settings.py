@@ -54,7 +54,12 @@ class Settings(BaseSettings):
         1800.0, description="Drop a built variant unused for this long (empty: never)."
     )
     device: str = Field("auto", description="`auto` (CUDA when available, else CPU), `cpu` or `cuda`.")
-    torch_threads: int | None = Field(None, description="Threads torch uses inside one call (default: all cores).")
+    batch_lanes: int | None = Field(
+        None, ge=1, description="Batches of one model run at once, each on its own thread (default: 2 on a CPU with 2 cores or more, else 1)."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="Threads torch uses inside one call (default: the cores shared between the lanes on CPU, all cores on GPU)."
+    )
     max_upload_mb: float = Field(25.0, gt=0, description="Largest accepted upload, in MiB (OpenAI's limit is 25).")
     max_audio_seconds: float = Field(1800.0, gt=0, description="Longest accepted audio, in seconds.")
     max_pending_audio_seconds: float = Field(

@@ -48,6 +48,7 @@ from loadtest.workload import WorkItem, build_workload
 from optim.accuracy import corpus_wer
 from optim.evaluation import EVAL_DIR, read_manifest
 from optim.memory import rss_mb
+from optim.scheduler import lanes
 
 MODEL = "base"
 CLIENTS = 16
@@ -141,7 +142,9 @@ def _in_child(engine: str, items: list[WorkItem], threads: int, folder: Path) ->
 def _service(workloads: dict[str, list[WorkItem]], threads: int) -> tuple[dict[str, dict], dict]:
     port = free_port()
     env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "MODELS": MODEL, "DEFAULT_MODEL": MODEL, "LOG_LEVEL": "warning",
-           "TORCH_THREADS": str(threads), "MAX_AUDIO_SECONDS": "3600"}
+           "MAX_AUDIO_SECONDS": "3600"}
+    lanes_count, lane_threads = lanes.plan("cpu", threads)  # the service on `threads` cores, as it plans them itself
+    env.update(BATCH_LANES=str(lanes_count), TORCH_THREADS=str(lane_threads))
     server = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -2,7 +2,8 @@
 
 Three configurations on this machine, the same workload (loadtest's: mixed clips drawn from
 ../shared/eval, the model's default variant):
-  plain   `python -m app` as `make serve` runs it, TORCH_THREADS=2;
+  plain   `python -m app` with one lane of 2 torch threads (BATCH_LANES=1, TORCH_THREADS=2: as
+          `make serve` ran before lanes; its default now is 2 lanes of 1 thread);
   ray-1x2 Ray Serve, 1 model replica × 2 torch threads (SERVE_REPLICA_CPUS=2);
   ray-2x1 Ray Serve, 2 model replicas × 1 torch thread each.
 Each is measured at every concurrency (closed loop, each request once): latency at 1 client
@@ -34,9 +35,9 @@ from loadtest.server import stop, wait_until_ready
 from loadtest.workload import DEFAULT_EVAL_DIR, build_workload
 
 CONFIGS = {  # name -> (Ray?, settings)
-    "plain": (False, {"TORCH_THREADS": "2"}),
-    "ray-1x2": (True, {"SERVE_MIN_REPLICAS": "1", "SERVE_MAX_REPLICAS": "1", "SERVE_REPLICA_CPUS": "1.9", "TORCH_THREADS": "2"}),
-    "ray-2x1": (True, {"SERVE_MIN_REPLICAS": "2", "SERVE_MAX_REPLICAS": "2", "SERVE_REPLICA_CPUS": "0.9", "TORCH_THREADS": "1"}),
+    "plain": (False, {"BATCH_LANES": "1", "TORCH_THREADS": "2"}),
+    "ray-1x2": (True, {"SERVE_MIN_REPLICAS": "1", "SERVE_MAX_REPLICAS": "1", "SERVE_REPLICA_CPUS": "1.9", "BATCH_LANES": "1", "TORCH_THREADS": "2"}),
+    "ray-2x1": (True, {"SERVE_MIN_REPLICAS": "2", "SERVE_MAX_REPLICAS": "2", "SERVE_REPLICA_CPUS": "0.9", "BATCH_LANES": "1", "TORCH_THREADS": "1"}),
 }
 
 

@@ -1,5 +1,5 @@
 """The models a server holds: which can be served, loading them (once, from any thread), their
-distilled students, their built variants, and one worker thread per model.
+distilled students and their built variants.
 
 What stays in memory follows the default variant. A float one (`flash`) shares the float32
 model's weights, so that model is kept, and the other variants are built from it. One that holds
@@ -18,7 +18,6 @@ import math
 import threading
 import time
 from collections import defaultdict, deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +40,6 @@ class LoadedModel:
     dims: ModelDimensions
     device: str
     load_seconds: float
-    # Inference runs here, off the event loop. One thread per model: on CPU torch already spreads
-    # one batch over all cores, and batches of one model must not overlap (word timing installs
-    # hooks on it).
-    executor: ThreadPoolExecutor
     # The float32 model float variants share their weights with; None when the default variant
     # holds its own weights (int8): nothing then keeps a float32 copy (module doc).
     float_source: Whisper | None
@@ -181,7 +176,6 @@ class ModelStore:
                 dims=model.dims,
                 device=self.device,
                 load_seconds=time.perf_counter() - start,
-                executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"whisper-{model_id}"),
                 float_source=model if keep_float else None,
             )
             release_freed_memory()
@@ -227,12 +221,11 @@ class ModelStore:
             "errors": errors,
         }
 
-    def executor(self, model_id: str) -> ThreadPoolExecutor:
-        return self._models[model_id].executor
-
     def close(self) -> None:
-        for loaded in self._models.values():
-            loaded.executor.shutdown(wait=False, cancel_futures=True)
+        """Drop every model and built variant: their memory goes once no running batch holds them."""
+        with self._load_lock:
+            self._models.clear()
+        self.variant_cache.clear()
 
     # ---------------------------------------------------------------- distilled students
     def student_file(self, model_id: str) -> Path | None:

@@ -199,6 +199,11 @@ class VariantCache:
             if idle or (over and built.nbytes > 0):  # dropping a variant that adds nothing frees nothing
                 del self._built[key]
 
+    def clear(self) -> None:
+        with self._lock:
+            self._built.clear()
+            self.pinned.clear()
+
     def expire_idle(self) -> None:
         with self._lock:
             self._evict(keep=None)

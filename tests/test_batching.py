@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 import time
 
 import httpx
@@ -20,7 +21,7 @@ from optim.audio import SAMPLE_RATE, decode_audio
 from optim.decoding import BatchStats, audio_context
 from optim.engine import WhisperEngine
 from optim.registry import all_variants, parse_variant
-from optim.scheduler import Scheduler, SchedulerConfig
+from optim.scheduler import Scheduler, SchedulerConfig, lanes
 from optim.scheduler.policy import POLICIES, Limits, QueuedWindow
 from optim.types import ModelRef, TranscriptionOptions
 from optim.windows import split_at_pauses
@@ -89,6 +90,50 @@ def test_dynamic_context_is_batch_invariant(engine, read_audio, variant):
     assert any(len(set(b.encoder_frames)) > 1 for b in batches)  # rows of different contexts shared a batch
     assert [t.text for t in together] == [t.text for t in alone]
     assert english_wer([c.text for c in ENGLISH_READ], [t.text for t in together[: len(read_audio)]]) < 0.10
+
+
+def test_lanes_run_batches_at_once_with_the_same_words(engine, read_audio, monkeypatch):
+    """Two lanes: batches of one model run at the same time, each window still gets the words
+    (and word times) it gets with one lane, and a batch with word timing never shares the model
+    (openai-whisper's word timing hooks the model and turns its SDPA off while it runs)."""
+    options = [TranscriptionOptions(language="en", word_timestamps=i == 1) for i in range(len(read_audio))]
+    one_lane, _ = run_all(engine, SchedulerConfig(max_batch_size=1, max_wait=0.0, shorten_context=True), read_audio, options)
+    running: list[bool] = []  # word timing? of each batch running now
+    seen = {"most": 0, "timed_shared": False}
+    guard = threading.Lock()
+    run_batch = engine.run_batch
+
+    def watched(ref, task, windows, *args):
+        with guard:
+            running.append(any(w.word_timestamps for w in windows))
+            seen["most"] = max(seen["most"], len(running))
+            seen["timed_shared"] |= len(running) > 1 and any(running)
+        try:
+            return run_batch(ref, task, windows, *args)
+        finally:
+            with guard:
+                running.pop()
+
+    monkeypatch.setattr(engine, "run_batch", watched)
+    two_lanes, _ = run_all(engine, SchedulerConfig(max_batch_size=1, max_wait=0.0, shorten_context=True, lanes=2), read_audio * 2, options * 2)
+    assert seen["most"] == 2  # two batches did run at once
+    assert not seen["timed_shared"]
+    for got in (two_lanes[: len(read_audio)], two_lanes[len(read_audio) :]):
+        assert [t.text for t in got] == [t.text for t in one_lane]
+        assert [(w.word, w.start, w.end) for t in got for s in t.segments for w in s.words] == [
+            (w.word, w.start, w.end) for t in one_lane for s in t.segments for w in s.words
+        ]
+    assert any(s.words for s in one_lane[1].segments)
+
+
+def test_lanes_share_the_cores_on_cpu_and_one_runs_a_gpu():
+    assert lanes.plan("cpu", 2) == (2, 1)
+    assert lanes.plan("cpu", 16) == (2, 8)
+    assert lanes.plan("cpu", 1) == (1, 1)
+    assert lanes.plan("cuda", 16) == (1, 16)
+    assert lanes.plan("cpu", 16, lanes=4) == (4, 4)
+    assert lanes.plan("cpu", 2, lanes=1, threads=2) == (1, 2)
+    assert SchedulerConfig(max_batch_audio=240.0, lanes=2).limits.max_batch_audio == 120.0  # one budget for all lanes
 
 
 def test_sampled_rows_draw_the_same_alone_or_batched(engine, read_audio):

@@ -120,8 +120,10 @@ def small_batch_server(tmp_path_factory):
     """The default dynamic audio context, each row over its own: a window's words do not depend
     on its batch-mates, so the streamed request's first window, decoded alone, gets the words it
     gets in the whole file's batches. Batches of two windows: a running batch is short, so a
-    departed client's work is seen to stop soon."""
-    with Server(MODELS="tiny.en", DEFAULT_MODEL="tiny.en", MODELS_DIR=str(tmp_path_factory.mktemp("models")), MAX_BATCH_SIZE="2") as srv:
+    departed client's work is seen to stop soon. One lane: with two, the rest of the file runs
+    beside its first window and may finish first, and the text then comes as one delta (no later
+    than the first window's) where this test checks the deltas' order at segment boundaries."""
+    with Server(MODELS="tiny.en", DEFAULT_MODEL="tiny.en", MODELS_DIR=str(tmp_path_factory.mktemp("models")), MAX_BATCH_SIZE="2", BATCH_LANES="1") as srv:
         yield srv
 
 

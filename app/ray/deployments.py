@@ -26,7 +26,7 @@ from ray.serve import Application
 from app.metrics import Metrics
 from app.ray.remote import Failure, IngressModels, RemoteScheduler, deployment_name
 from app.settings import Settings
-from app.main import build_scheduler, build_store, create_app, scheduler_config
+from app.main import build_scheduler, build_store, create_app, lane_plan, scheduler_config
 from optim.weights import resolve_model_sources
 from optim.engine import WhisperEngine
 from optim.errors import ServiceError
@@ -88,12 +88,13 @@ class ModelReplica:
     """One served model: what create_app builds for it (store, engine, scheduler, batch metrics)."""
 
     def __init__(self, settings: Settings, model_id: str):
-        # one replica's threads = its reserved CPUs: replicas sharing a node do not oversubscribe it
-        torch.set_num_threads(settings.torch_threads or max(1, round(settings.serve_replica_cpus)))
+        # one replica's lanes and threads share its reserved CPUs: replicas sharing a node do not oversubscribe it
+        cores = max(1, round(settings.serve_replica_cpus))
+        torch.set_num_threads(lane_plan(settings, cores)[1])
         self.store = build_store(settings, only=model_id)
         self.engine = WhisperEngine(self.store, silence_peak=settings.silence_peak)
         self.metrics = Metrics(endpoints=ENDPOINTS)
-        self.scheduler = build_scheduler(settings, self.engine, self.metrics)
+        self.scheduler = build_scheduler(settings, self.engine, self.metrics, cores)
         self.metrics.watch(self.store, self.scheduler)
         self.metrics.initialize([self.store.ref(model_id, check_ready=False), *self.store.startup_variants])
         self.store.load_startup()  # before Serve counts the replica as running: a running replica holds its model

@@ -12,8 +12,13 @@ deltas joined are exactly the assembled transcript's `text`). Its first window i
 the policy runs it before the rest of the request's windows, so the first text comes early.
 
 Which windows run together is the batching policy's choice (optim/scheduler/policy.py), asked
-each time a model's worker is free. With `max_batch_size=1` nothing waits: every window runs
-alone (batching off).
+each time one of a model's workers is free. With `max_batch_size=1` nothing waits: every window
+runs alone (batching off).
+
+A model has `lanes` workers, each with its own thread, so that many of its batches run at once
+(why, and how many: optim/scheduler/lanes.py); a short request then need not wait for a long
+batch to finish. Each lane's batch gets `max_batch_audio / lanes`, so the working memory of all
+running batches stays within the one budget. A batch with word timing runs alone on its model.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import logging
 import math
 import time
 from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,6 +38,7 @@ from optim.audio import SAMPLE_RATE
 from optim.decoding import BatchStats
 from optim.engine import WhisperEngine, assemble
 from optim.errors import QueueFull
+from optim.scheduler.lanes import LaneGate
 from optim.scheduler.policy import POLICIES, Limits, PolicyName
 from optim.types import ModelRef, Task, Timing, Transcript, TranscriptionOptions, Window, WindowResult
 
@@ -97,10 +104,11 @@ class SchedulerConfig:
     max_queue: int = 64  # requests admitted (waiting or running); past it: QueueFull
     policy: PolicyName = "duration"
     shorten_context: bool = False  # encoder over each window's own length (≥15 s), not always 30 s
+    lanes: int = 1  # batches of one model running at once, each on its own thread (lanes.py)
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.max_batch_size, self.max_wait, self.max_batch_audio)
+        return Limits(self.max_batch_size, self.max_wait, self.max_batch_audio / self.lanes)
 
 
 class Scheduler:
@@ -112,7 +120,9 @@ class Scheduler:
         self._queues: dict[QueueKey, list[_Pending]] = defaultdict(list)
         self._admitted = 0
         self._wakeups: dict[str, asyncio.Event] = {}
-        self._workers: dict[str, asyncio.Task] = {}
+        self._workers: dict[str, list[asyncio.Task]] = {}
+        self._threads: dict[str, ThreadPoolExecutor] = {}  # a model's lanes run their batches here
+        self._gates: dict[str, LaneGate] = {}
         self._seconds_per_window = 0.5  # running estimate of compute per window: fairness, Retry-After
         self._live: set[_Request] = set()  # admitted requests not yet answered (abort)
         self._refusal: Exception | None = None  # once aborted, what every new request gets
@@ -216,20 +226,28 @@ class Scheduler:
         now = time.perf_counter()
         while self._drained and now - self._drained[0][0] > DRAIN_WINDOW_S:
             self._drained.popleft()
-        ahead = self.queued_windows + self.config.max_batch_size  # + what is running now
+        ahead = self.queued_windows + self.config.max_batch_size * self.config.lanes  # + what is running now
         return drain_seconds(ahead, list(self._drained), now, 1 / self._seconds_per_window)
 
     # ---------------------------------------------------------------- batching
     def _wake(self, model_id: str) -> None:
         if model_id not in self._workers:
+            lanes = self.config.lanes
             self._wakeups[model_id] = asyncio.Event()
-            self._workers[model_id] = asyncio.create_task(self._worker(model_id), name=f"scheduler-{model_id}")
+            self._threads[model_id] = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix=f"whisper-{model_id}")
+            self._gates[model_id] = LaneGate()
+            self._workers[model_id] = [
+                asyncio.create_task(self._worker(model_id), name=f"scheduler-{model_id}-{lane}") for lane in range(lanes)
+            ]
         self._wakeups[model_id].set()
 
     async def close(self) -> None:
-        for task in self._workers.values():
+        tasks = [t for lanes in self._workers.values() for t in lanes]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._workers.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for threads in self._threads.values():
+            threads.shutdown(wait=False, cancel_futures=True)
 
     def choose(self, model_id: str, now: float) -> tuple[list[_Pending], float | None]:
         """The policy's next batch for a model's worker, or ([], seconds to wait) when it should wait
@@ -254,23 +272,28 @@ class Scheduler:
             key = batch[0].request.key
             chosen = {id(p) for p in batch}
             self._queues[key] = [p for p in self._queues[key] if id(p) not in chosen]
+            gate = self._gates[model_id]
+            await gate.enter(alone=any(p.window.word_timestamps for p in batch))
             started = time.perf_counter()
             for p in batch:
                 p.request.served += 1
                 if p.request.first_dispatch is None:
                     p.request.first_dispatch = started
             try:
-                results, stats = await self._run(model_id, key, batch)
-            except Exception:  # one bad row must not fail its batch-mates: each runs again alone
-                log.exception("batch of %d windows on %s failed; running them one by one", len(batch), key)
-                await self._run_alone(model_id, key, batch)
-                continue
+                try:
+                    results, stats = await self._run(model_id, key, batch)
+                except Exception:  # one bad row must not fail its batch-mates: each runs again alone
+                    log.exception("batch of %d windows on %s failed; running them one by one", len(batch), key)
+                    await self._run_alone(model_id, key, batch)
+                    continue
+            finally:
+                await gate.leave()
             seconds = time.perf_counter() - started
             self._finished(key, batch, results, stats, seconds)
 
     async def _run(self, model_id: str, key: QueueKey, batch: list[_Pending]) -> tuple[list[WindowResult], BatchStats]:
         return await asyncio.get_running_loop().run_in_executor(
-            self.engine.models.executor(model_id),
+            self._threads[model_id],
             self.engine.run_batch,
             *key,
             [p.window for p in batch],
