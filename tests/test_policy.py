@@ -78,8 +78,9 @@ def test_a_batch_comes_from_one_queue():
 
 @pytest.mark.parametrize("policy", [DurationPolicy(), FifoPolicy()])
 def test_a_leading_window_runs_before_the_rest_of_its_request(policy):
-    """A streamed file's first window (leading) is never batched with the file's later windows:
-    they wait until it has been dispatched. Other requests' windows may still join it."""
+    """A streamed file's first window (leading) is never batched with the file's later windows,
+    nor run beside them in another lane: they wait until it has run. Other requests' windows may
+    still join it."""
     streamed, other = object(), object()
     leading = QueuedWindow(28.0, enqueued=0.0, request=streamed, leading=True)
     rest = [QueuedWindow(28.0, enqueued=0.0, request=streamed) for _ in range(5)]  # a full batch on their own
@@ -90,6 +91,10 @@ def test_a_leading_window_runs_before_the_rest_of_its_request(policy):
     assert young.batch == [] and young.wait == pytest.approx(0.04)
     first = policy.choose({"a": [*rest, leading, short]}, now=0.1, limits=limits, seconds_per_window=0.5)
     assert first.batch[0] is leading and set(first.batch) == {leading, short}
+    # while it runs (the scheduler says so) they still wait, and others' windows may run
+    running = policy.choose({"a": [*rest, short]}, now=0.1, limits=limits, seconds_per_window=0.5, leading_running={streamed})
+    assert running.batch == [short]
+    assert policy.choose({"a": rest}, now=0.1, limits=limits, seconds_per_window=0.5, leading_running={streamed}).wait is None
     # once it has run the rest batch as usual
     then = policy.choose({"a": rest}, now=0.1, limits=limits, seconds_per_window=0.5)
     assert len(then.batch) == 4 and set(then.batch) <= set(rest)

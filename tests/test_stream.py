@@ -98,20 +98,31 @@ def test_the_wire_format_is_openais(http, clips):
 
 def test_a_long_file_streams_window_by_window_in_audio_order_and_early(server, clips):
     clip = clips["lj-LJ001-0001-0032-concat"]  # 237 s: 11 windows
+    http = httpx.Client(base_url=server.url, timeout=300)
+    head = encode_audio(decode_audio(clip.data).samples[: 30 * SAMPLE_RATE], "flac", "flac")  # its first window
+    post(http, head, "head.flac", model="tiny.en").raise_for_status()  # warm
+    start = time.perf_counter()
+    post(http, head, "head.flac", model="tiny.en").raise_for_status()
+    one_window = time.perf_counter() - start
+    start = time.perf_counter()
+    json_text = post(http, clip.data, "long.flac", model="tiny.en").json()["text"]
+    json_seconds = time.perf_counter() - start
     deltas, done, total = stream(sdk(server.url), clip.data, "long.flac", model="tiny.en")
     assert len(deltas) > 1
     assert "".join(d for _, d in deltas) == done.text
     times = [t for t, _ in deltas]
     assert times == sorted(times)
-    # the first window ran before the rest of the file: its text came well before the end
-    assert times[0] < 0.5 * total, (times, total)
+    # the first window ran before the rest of the file, and alone: its text cost about one window's
+    # decoding (here 0.7× the first 30 s sent on their own, which also decode the window's rest),
+    # not the file's. As a share of the non-streamed total (the goal) it is measured on
+    # base by benchmarks/stream.py (tiny.en here: 0.27 on a quiet 2-core machine, and more on CI)
+    assert times[0] < 1.5 * one_window, (times, one_window, json_seconds)
     # ... and it is the start of the audio
     first_words = deltas[0][1].split()
     assert english_wer([" ".join(clip.text.split()[: len(first_words)])], [deltas[0][1]]) <= 0.2
     assert english_wer([clip.text], [done.text]) <= 0.1
     # with the dynamic audio context (on here) the first window ran alone, so with its own context:
     # a few words may differ from the non-streamed text, as they do with any other batch-mates
-    json_text = post(httpx.Client(base_url=server.url, timeout=300), clip.data, "long.flac", model="tiny.en").json()["text"]
     assert english_wer([json_text], [done.text]) <= 0.03
 
 

@@ -125,6 +125,7 @@ class Scheduler:
         self._gates: dict[str, LaneGate] = {}
         self._seconds_per_window = 0.5  # running estimate of compute per window: fairness, Retry-After
         self._live: set[_Request] = set()  # admitted requests not yet answered (abort)
+        self._leading_running: set[_Request] = set()  # a streamed request's first window is running: the rest waits
         self._refusal: Exception | None = None  # once aborted, what every new request gets
         self._drained: deque[tuple[float, int]] = deque()  # (when, windows) of recent batches: Retry-After
 
@@ -255,7 +256,7 @@ class Scheduler:
         for key in [k for k in self._queues if k[0].model == model_id]:  # drop windows of failed requests
             self._queues[key] = [p for p in self._queues[key] if not p.request.done.done()]
         queues = {k: q for k, q in self._queues.items() if k[0].model == model_id}
-        choice = self.policy.choose(queues, now, self.config.limits, self._seconds_per_window)
+        choice = self.policy.choose(queues, now, self.config.limits, self._seconds_per_window, self._leading_running)
         return choice.batch, choice.wait
 
     async def _worker(self, model_id: str) -> None:
@@ -272,24 +273,34 @@ class Scheduler:
             key = batch[0].request.key
             chosen = {id(p) for p in batch}
             self._queues[key] = [p for p in self._queues[key] if id(p) not in chosen]
-            gate = self._gates[model_id]
-            await gate.enter(alone=any(p.window.word_timestamps for p in batch))
-            started = time.perf_counter()
-            for p in batch:
-                p.request.served += 1
-                if p.request.first_dispatch is None:
-                    p.request.first_dispatch = started
+            leads = {p.request for p in batch if p.leading}
+            self._leading_running |= leads
             try:
-                try:
-                    results, stats = await self._run(model_id, key, batch)
-                except Exception:  # one bad row must not fail its batch-mates: each runs again alone
-                    log.exception("batch of %d windows on %s failed; running them one by one", len(batch), key)
-                    await self._run_alone(model_id, key, batch)
-                    continue
+                await self._dispatch(model_id, key, batch)
             finally:
-                await gate.leave()
-            seconds = time.perf_counter() - started
-            self._finished(key, batch, results, stats, seconds)
+                self._leading_running -= leads
+                if leads:
+                    wakeup.set()  # their other windows (or the leading window's retry) may run now, in any lane
+
+    async def _dispatch(self, model_id: str, key: QueueKey, batch: list[_Pending]) -> None:
+        """Run a chosen batch in a lane and deliver its results."""
+        gate = self._gates[model_id]
+        await gate.enter(alone=any(p.window.word_timestamps for p in batch))
+        started = time.perf_counter()
+        for p in batch:
+            p.request.served += 1
+            if p.request.first_dispatch is None:
+                p.request.first_dispatch = started
+        try:
+            try:
+                results, stats = await self._run(model_id, key, batch)
+            except Exception:  # one bad row must not fail its batch-mates: each runs again alone
+                log.exception("batch of %d windows on %s failed; running them one by one", len(batch), key)
+                await self._run_alone(model_id, key, batch)
+                return
+        finally:
+            await gate.leave()
+        self._finished(key, batch, results, stats, time.perf_counter() - started)
 
     async def _run(self, model_id: str, key: QueueKey, batch: list[_Pending]) -> tuple[list[WindowResult], BatchStats]:
         return await asyncio.get_running_loop().run_in_executor(

@@ -10,9 +10,11 @@ Each time a model's worker is free the scheduler asks `choose` for the next batc
   `max_batch_size` windows and `max_batch_audio` seconds of padded audio (rows × longest).
 
 A *leading* window (the first window of a streamed request: its text is the first the client
-sees) goes in a batch before the rest of its request's windows: while it waits, they are held
-back, so it is never batched with them (it still may be with other requests' windows). A
-streamed 5-minute file's first text then costs one window's decoding, not a full batch's.
+sees) goes in a batch before the rest of its request's windows: while it waits, and while it
+runs (the scheduler says which requests' leading windows are running), they are held back, so it
+is never batched with them (it still may be with other requests' windows) and, with lanes, they
+do not run beside it and slow it down. A streamed 5-minute file's first text then costs one
+window's decoding, not a full batch's.
 
 Policies differ in two orders. `fifo` (the baseline): arrival, both for the seed and the fill.
 `duration`: the seed by fair-queueing priority, a window's enqueue time plus the compute its
@@ -26,7 +28,7 @@ Adding a policy: subclass `BatchPolicy`, override `priority` and/or `affinity`, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Hashable, Literal, Mapping, Protocol, Sequence, TypeVar
+from typing import AbstractSet, Hashable, Literal, Mapping, Protocol, Sequence, TypeVar
 
 PolicyName = Literal["duration", "fifo"]
 
@@ -92,8 +94,12 @@ class BatchPolicy:
         """Lower joins the seed's batch first."""
         return (w.enqueued,)
 
-    def choose(self, queues: Mapping[K, Sequence[W]], now: float, limits: Limits, seconds_per_window: float) -> Choice:
-        held = _held(queues)  # behind their leading window: not candidates yet
+    def choose(
+        self, queues: Mapping[K, Sequence[W]], now: float, limits: Limits, seconds_per_window: float,
+        leading_running: AbstractSet[Hashable] = frozenset(),
+    ) -> Choice:
+        """`leading_running`: the requests whose leading window is in a running batch."""
+        held = _held(queues) | leading_running  # behind their leading window: not candidates yet
         queues = {k: [w for w in q if w.leading or w.request not in held] for k, q in queues.items()}
         queues = {k: q for k, q in queues.items() if q}
         pending = [w for q in queues.values() for w in q]
