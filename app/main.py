@@ -61,6 +61,7 @@ def lane_plan(settings: Settings, cores: int | None = None) -> tuple[int, int]:
 
 
 def scheduler_config(settings: Settings, cores: int | None = None) -> SchedulerConfig:
+    count, threads = lane_plan(settings, cores)
     return SchedulerConfig(
         max_batch_size=settings.max_batch_size,
         max_wait=settings.batch_max_wait_ms / 1000,
@@ -68,7 +69,8 @@ def scheduler_config(settings: Settings, cores: int | None = None) -> SchedulerC
         max_queue=settings.max_queue,
         policy=settings.batch_policy,
         shorten_context=settings.dynamic_audio_context,
-        lanes=lane_plan(settings, cores)[0],
+        lanes=count,
+        alone_encoder_threads=count * threads if count > 1 else None,
     )
 
 

@@ -143,7 +143,9 @@ def _service(workloads: dict[str, list[WorkItem]], threads: int) -> tuple[dict[s
     port = free_port()
     env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "MODELS": MODEL, "DEFAULT_MODEL": MODEL, "LOG_LEVEL": "warning",
            "MAX_AUDIO_SECONDS": "3600"}
-    lanes_count, lane_threads = lanes.plan("cpu", threads)  # the service on `threads` cores, as it plans them itself
+    # the service on `threads` cores, as it plans them itself (BATCH_LANES / TORCH_THREADS, when set, win: an A/B of lanes)
+    given = [int(os.environ[k]) if os.environ.get(k) else None for k in ("BATCH_LANES", "TORCH_THREADS")]
+    lanes_count, lane_threads = lanes.plan("cpu", threads, *given)
     env.update(BATCH_LANES=str(lanes_count), TORCH_THREADS=str(lane_threads))
     server = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"

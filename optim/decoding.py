@@ -29,6 +29,7 @@ models use PyTorch's fused SDPA, the others the explicit softmax of the referenc
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -125,6 +126,21 @@ def encode(model: Whisper, mel: Tensor) -> Tensor:
     if mel.device.type == "cpu" and mel.shape[0] > 1:
         return torch.cat([_encode(model, window[None]) for window in mel])
     return _encode(model, mel)
+
+
+@contextmanager
+def torch_threads(threads: int | None):
+    """torch's intra-op threads for this OS thread while the block runs (None: as they are).
+    The count is the calling thread's own (OpenMP's), so another lane keeps its threads."""
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def encode_windows(model: Whisper, windows: list["WindowInput"], contexts: list[int], dtype: torch.dtype) -> list[Tensor]:
@@ -332,16 +348,21 @@ def decode_batch(
     shorten_context: bool,
     half: bool = False,
     fused_attention: bool = False,
+    encoder_threads: int | None = None,
 ) -> tuple[list[WindowOutput], BatchStats]:
     """Decode windows of one model, variant and task together (see the module docstring). `half`
-    and `fused_attention` come from the variant: float16 compute, SDPA attention."""
+    and `fused_attention` come from the variant: float16 compute, SDPA attention.
+    `encoder_threads`: torch threads for the encoder only (the scheduler lends a batch that
+    starts alone the idle lanes' cores: the encoder's large products split well over cores,
+    the decoder's small ones do not)."""
     device = model.device
     dtype = torch.float16 if half else torch.float32
     rows = len(windows)
     frames = [w.frames for w in windows]
     contexts = [audio_context(w.frames, shorten_context and not w.full_context) for w in windows]
     shortened = [c < N_FRAMES for c in contexts]
-    audio = encode_windows(model, windows, contexts, dtype)
+    with torch_threads(encoder_threads):
+        audio = encode_windows(model, windows, contexts, dtype)
 
     cache = KVCache(model, rows, max(len(w.prompt) + 1 for w in windows) + 3 + SAMPLE_LEN, audio, fused_attention)
     del audio  # the cross-attention keys/values are all the decoder needs of the audio

@@ -131,11 +131,12 @@ class WhisperEngine:
         windows: list[Window],
         shorten_context: bool,
         abandoned: list[Callable[[], bool]] | None = None,
+        encoder_threads: int | None = None,
     ) -> tuple[list[WindowResult], BatchStats]:
         """Decode windows of one model, variant and task in one batch (on the model's worker thread).
         Each result is final, or names the window to decode again (optim/fallback.py). A window
         whose `abandoned()` turns true (nobody waits for it any more) stops decoding at the next
-        step and gets an empty result."""
+        step and gets an empty result. `encoder_threads`: torch threads for the encoder (decode_batch)."""
         built = self.models.built(ref)  # built on first use
         model, half = built.model, built.half_compute
         tokenizer = self.tokenizer(ref, task)
@@ -146,7 +147,8 @@ class WhisperEngine:
         ]
         with torch.inference_mode():
             outputs, stats = decode_batch(
-                model, tokenizer, inputs, shorten_context, half=half, fused_attention=ref.variant.fused_attention
+                model, tokenizer, inputs, shorten_context, half=half, fused_attention=ref.variant.fused_attention,
+                encoder_threads=encoder_threads,
             )
         results = []
         for window, out, gone, context in zip(windows, outputs, abandoned, stats.encoder_frames):

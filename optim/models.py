@@ -297,6 +297,10 @@ class ModelStore:
 
     def built(self, ref: ModelRef) -> BuiltVariant:
         """The variant ready to run, built on first use; idle variants expire meanwhile."""
+        # Load first, outside the variant's build lock: loading builds the default variant under
+        # that same lock (an int8 default straight from the stored weights), which deadlocked a
+        # first built() of the default variant on a store not loaded yet.
+        self.load(ref.model)
         built = self.variant_cache.get(ref, lambda: self._source(ref))
         self.variant_cache.expire_idle()
         return built

@@ -18,6 +18,7 @@ import torch
 import whisper
 
 from optim.audio import SAMPLE_RATE, decode_audio
+from optim import decoding
 from optim.decoding import BatchStats, audio_context
 from optim.engine import WhisperEngine
 from optim.registry import all_variants, parse_variant
@@ -92,6 +93,52 @@ def test_dynamic_context_is_batch_invariant(engine, read_audio, variant):
     assert english_wer([c.text for c in ENGLISH_READ], [t.text for t in together[: len(read_audio)]]) < 0.10
 
 
+@pytest.mark.parametrize("variant", ["flash", "int8+flash"])
+def test_a_batch_that_starts_alone_lends_its_encoder_the_idle_cores(engine, read_audio, monkeypatch, variant):
+    """With two lanes of one thread, a batch that is all the work there is (no other batch
+    running, no other request admitted) encodes on two threads (alone_encoder_threads); any
+    other batch on its lane's one. The decoder keeps the lane's thread either way, and the
+    words are those of one lane."""
+    options = [ENGLISH] * len(read_audio)
+    torch.set_num_threads(1)
+    one_lane, _ = run_all(engine, SchedulerConfig(max_batch_size=1, max_wait=0.0, shorten_context=True), read_audio, options, variant)
+    seen: list[list] = []  # per batch, in start order: [another batch running?, threads asked, in the encoder, after]
+    running: list[int] = []
+    guard = threading.Lock()
+    run_batch, encode_windows = engine.run_batch, decoding.encode_windows
+    in_encoder = threading.local()
+
+    def counted(*args):
+        in_encoder.threads = torch.get_num_threads()
+        return encode_windows(*args)
+
+    def watched(ref, task, windows, *args, encoder_threads=None):
+        with guard:
+            entry = [bool(running), encoder_threads, None, None]
+            seen.append(entry)
+            running.append(1)
+        try:
+            return run_batch(ref, task, windows, *args, encoder_threads=encoder_threads)
+        finally:
+            with guard:
+                running.pop()
+                entry[2:] = [in_encoder.threads, torch.get_num_threads()]
+
+    monkeypatch.setattr(engine, "run_batch", watched)
+    monkeypatch.setattr(decoding, "encode_windows", counted)
+    config = SchedulerConfig(max_batch_size=1, max_wait=0.0, shorten_context=True, lanes=2, alone_encoder_threads=2)
+    first, _ = run_all(engine, config, read_audio[:1], options[:1], variant)  # the only request
+    lone = len(seen)
+    both, _ = run_all(engine, config, read_audio, options, variant)  # six at once
+    assert seen[:lone] == [[False, 2, 2, 1]]
+    assert seen[lone][:3] == [False, None, 1]  # nothing running yet, but five other requests admitted
+    assert any(beside for beside, *_ in seen)  # some batch did start beside another
+    for beside, asked, encoding, after in seen:
+        assert encoding == (asked or 1) and after == 1  # the decoder, and the lane's next batch, on the lane's thread
+        assert not (beside and asked)
+    assert [t.text for t in first + both] == [t.text for t in one_lane[:1] + one_lane]
+
+
 def test_lanes_run_batches_at_once_with_the_same_words(engine, read_audio, monkeypatch):
     """Two lanes: batches of one model run at the same time, each window still gets the words
     (and word times) it gets with one lane, and a batch with word timing never shares the model
@@ -103,13 +150,13 @@ def test_lanes_run_batches_at_once_with_the_same_words(engine, read_audio, monke
     guard = threading.Lock()
     run_batch = engine.run_batch
 
-    def watched(ref, task, windows, *args):
+    def watched(ref, task, windows, *args, **kwargs):
         with guard:
             running.append(any(w.word_timestamps for w in windows))
             seen["most"] = max(seen["most"], len(running))
             seen["timed_shared"] |= len(running) > 1 and any(running)
         try:
-            return run_batch(ref, task, windows, *args)
+            return run_batch(ref, task, windows, *args, **kwargs)
         finally:
             with guard:
                 running.pop()

@@ -12,6 +12,7 @@ Ray must be installed (`ray[serve]` is a dependency): without it this module fai
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -25,9 +26,10 @@ import pytest
 import ray  # noqa: F401  (no importorskip: a missing Ray must fail the run loudly)
 
 from app.ray.local import LocalCluster
-from tests.conftest import ENGLISH_READ, LONG_FORM, english_wer
+from tests.conftest import CLIPS, ENGLISH_READ, LONG_FORM, english_wer
 
 pytestmark = pytest.mark.slow
+
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +149,23 @@ def test_a_killed_replica_fails_its_request_with_503_and_is_replaced(cluster, cl
     else:
         pytest.fail(f"no replacement replica listed: {_model_targets(cluster)}")
     assert httpx.get(f"{cluster}/ready", timeout=10).status_code == 200
+
+
+def test_a_realtime_session_transcribes_through_serve(cluster):
+    from tests.test_realtime import Run, client as realtime_client, collect_until, configure, pcm, receive, send_audio
+
+    jfk = CLIPS["jfk"]
+
+    async def go() -> Run:
+        async with realtime_client(cluster).realtime.connect(model="tiny.en") as conn:
+            assert (await receive(conn))["type"] == "session.created"
+            await configure(conn, format={"type": "audio/pcm", "rate": 16000}, turn_detection=None)
+            await send_audio(conn, pcm(jfk.path, 16000), rate=16000, speed=None)
+            await conn.send({"type": "input_audio_buffer.commit"})
+            run = Run()
+            await collect_until(conn, run, lambda r: bool(r.of("conversation.item.input_audio_transcription.completed")))
+            return run
+
+    (completed,) = asyncio.run(go()).of("conversation.item.input_audio_transcription.completed")
+    assert english_wer([jfk.text], [completed["transcript"]]) < 0.15
+

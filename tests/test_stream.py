@@ -259,7 +259,7 @@ class ScriptedEngine:
 
         return [self.Window(torch.zeros(80, 1000), float(t), "en", [], 0.0, True, False) for t in range(0, 100, 10)]
 
-    def run_batch(self, ref, task, windows, shorten, abandoned):
+    def run_batch(self, ref, task, windows, shorten, abandoned, encoder_threads=None):
         from dataclasses import replace
 
         from optim.decoding import BatchStats

@@ -138,3 +138,19 @@ def test_hugging_face_config_multilingual(base_model):
     config = hf_whisper_config(base_model)
     assert [getattr(config, k) for k in TOKEN_IDS] == [51865, 50258, 50257, 50257, 50257]
     assert (config.encoder_layers, config.decoder_layers, config.d_model, config.encoder_ffn_dim) == (6, 6, 512, 2048)
+
+
+def test_first_use_of_an_int8_default_variant_builds_it_without_a_load_first():
+    """built() on a store not loaded yet, for its int8 default: loading builds that variant under
+    the same per-variant build lock, which once deadlocked here (a benchmark hung, idle)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from optim.models import ModelStore
+
+    store = ModelStore({"tiny.en": "tiny.en"}, device="cpu", default_variant="int8+flash")
+    pool = ThreadPoolExecutor(1)  # not `with`: a hung build must fail the test, not hang its exit
+    try:
+        built = pool.submit(store.built, store.ref("tiny.en", store.variant("int8+flash"))).result(timeout=120)
+    finally:
+        pool.shutdown(wait=False)
+    assert str(built.ref) == "tiny.en:int8+flash" and store.loaded["tiny.en"].float_source is None

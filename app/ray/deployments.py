@@ -146,7 +146,6 @@ class Ingress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         store = build_store(self.settings, load=False, cls=IngressModels)
-        store.replicas = {}
         scheduler = RemoteScheduler(self.models, self.settings.serve_request_timeout_s, scheduler_config(self.settings))
         app = create_app(self.settings, store=store, scheduler_factory=lambda *_: scheduler)
         registry = _registry()
@@ -203,10 +202,13 @@ def build_app(settings: Settings) -> Application:
     }
     ingress = serve.deployment(serve.ingress()(Ingress), name="ingress")
     # The ingress parses and decodes (CPU work, off its event loop); 0.1 CPU leaves the cores to the models.
-    # It must hold every request the model replicas may batch, and every realtime session (a
-    # WebSocket is one ongoing request for its whole life): Serve's default, 5 ongoing requests
-    # per replica, kept the replicas' batches at 2-3 windows with 16 clients.
-    ongoing = settings.max_queue * len(models) + settings.max_realtime_sessions
+    # It must hold every request the model replicas may batch or Serve may queue for them, and
+    # every realtime session (a WebSocket is one ongoing request for its whole life). Serve's
+    # default, 5 ongoing requests per replica, kept the replicas' batches at 2-3 windows with 16
+    # clients; and a request past the ingress's limit waits in the proxy, unbounded, where the
+    # model's SERVE_MAX_QUEUED_REQUESTS would have refused it with our 503.
+    per_model = settings.max_queue * settings.serve_max_replicas + settings.serve_max_queued_requests
+    ongoing = per_model * len(models) + settings.max_realtime_sessions
     return ingress.options(
         num_replicas=settings.serve_ingress_replicas, max_ongoing_requests=ongoing, ray_actor_options={"num_cpus": 0.1}
     ).bind(settings, models)

@@ -174,7 +174,9 @@ class IngressModels(ModelStore):
     """The ingress's store: resolves names (resolve_model, /v1/models) and loads nothing; /ready
     reports the model deployments, as the last readiness poll saw them (`replicas`)."""
 
-    replicas: dict[str, bool] = {}
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.replicas: dict[str, bool] = {}  # model id -> a ready replica answered the last poll
 
     @property
     def ready(self) -> bool:
