@@ -107,7 +107,7 @@ class SchedulerConfig:
     policy: PolicyName = "duration"
     shorten_context: bool = False  # encoder over each window's own length (≥15 s), not always 30 s
     lanes: int = 1  # batches of one model running at once, each on its own thread (lanes.py)
-    alone_encoder_threads: int | None = None  # torch threads for the encoder of a batch that starts alone (lanes.py)
+    alone_encoder_threads: int | None = None  # torch threads for the encoder of a batch that is all the work (lanes.py)
 
     @property
     def limits(self) -> Limits:

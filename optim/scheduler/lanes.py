@@ -7,11 +7,12 @@ and while one lane runs Python between kernels the other lane's core stays busy.
 lane keeps the device's work in order; more would only interleave kernels.
 
 The encoder is the exception: its products are large (1500 rows per 30-s window) and split
-well, 0.72 → 0.40 s for one 30-s window of base int8 on two threads here. So a batch that
-starts while no other batch runs borrows the idle lanes' cores for its encoder
-(`SchedulerConfig.alone_encoder_threads`, `decoding.torch_threads`): a lone request, and a
-streamed request's first window, which runs while the rest of its file waits. A batch that
-starts meanwhile in the other lane oversubscribes the cores only until that encoder ends.
+well, 0.72 → 0.40 s for one 30-s window of base int8 on two threads here. So a batch that is
+all the work there is (no other batch running, no other request admitted) borrows the idle
+lanes' cores for its encoder (`SchedulerConfig.alone_encoder_threads`, `decoding.torch_threads`):
+a lone request, and a streamed request's first window, which runs while the rest of its file
+waits. Borrowing whenever no other batch ran was worse under load: another lane's batch started
+during the encoder, three threads on two cores (benchmarks/encoder_threads_ab/).
 """
 
 from __future__ import annotations
