@@ -27,9 +27,9 @@ import ray  # noqa: F401  (no importorskip: a missing Ray must fail the run loud
 
 from app.ray.local import LocalCluster
 from tests.conftest import CLIPS, ENGLISH_READ, LONG_FORM, english_wer
+from tests.test_realtime import Run, client as realtime_client, collect_until, configure, pcm, receive, send_audio
 
 pytestmark = pytest.mark.slow
-
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +152,6 @@ def test_a_killed_replica_fails_its_request_with_503_and_is_replaced(cluster, cl
 
 
 def test_a_realtime_session_transcribes_through_serve(cluster):
-    from tests.test_realtime import Run, client as realtime_client, collect_until, configure, pcm, receive, send_audio
-
     jfk = CLIPS["jfk"]
 
     async def go() -> Run:
@@ -168,4 +166,3 @@ def test_a_realtime_session_transcribes_through_serve(cluster):
 
     (completed,) = asyncio.run(go()).of("conversation.item.input_audio_transcription.completed")
     assert english_wer([jfk.text], [completed["transcript"]]) < 0.15
-
