@@ -3,9 +3,9 @@
 A head and a second node on loopback, under a temp dir of this test's own; `python -m app.ray`
 deploys 2 replicas of tiny.en (one per node) behind the ingress and Serve's HTTP proxy. Then,
 over real HTTP with the openai SDK: concurrent transcriptions, error bodies, the metrics
-targets, and a replica killed while it holds a request. Every process this test started is
-killed at the end (by its temp dir, and their children); never `ray stop`, which would kill
-every Ray process on the machine.
+targets, Serve's queue limit refusing a burst, a replica killed while it holds a request, and a
+realtime session. Every process this test started is killed at the end (by its temp dir, and
+their children); never `ray stop`, which would kill every Ray process on the machine.
 
 Ray must be installed (`ray[serve]` is a dependency): without it this module fails, it does not skip.
 """
@@ -31,6 +31,9 @@ from tests.test_realtime import Run, client as realtime_client, collect_until, c
 
 pytestmark = pytest.mark.slow
 
+MAX_QUEUE = 2
+SERVE_QUEUED = len(ENGLISH_READ) + 2
+
 
 @pytest.fixture(scope="module")
 def cluster():
@@ -41,6 +44,10 @@ def cluster():
         yield local.serve(
             MODELS="tiny.en", DEFAULT_MODEL="tiny.en", SERVE_MIN_REPLICAS="2", SERVE_MAX_REPLICAS="2", SERVE_REPLICA_CPUS="0.9",
             TORCH_THREADS="1", LOG_LEVEL="warning", MAX_AUDIO_SECONDS="300",
+            # Small limits, so the refusal test can fill them: 2 admitted per replica, and Serve's
+            # queue in front of them (which also counts a burst still waiting for a replica) just
+            # holds the concurrent test's burst.
+            MAX_QUEUE=str(MAX_QUEUE), SERVE_MAX_QUEUED_REQUESTS=str(SERVE_QUEUED),
         )
     finally:
         left = local.stop()
@@ -114,6 +121,48 @@ def test_metrics_targets_list_every_replica_and_count_its_work(cluster, client):
     ingress_text = httpx.get(f"http://{ingress[0]['targets'][0]}/metrics", timeout=10).text
     assert _metric(ingress_text, "whisper_requests_total") >= len(ENGLISH_READ) + 1
     assert _metric(ingress_text, "whisper_audio_seconds_total") > 0
+
+
+def test_past_serves_queue_limit_requests_are_refused_with_503_and_others_keep_their_words(cluster, client):
+    long = max(LONG_FORM, key=lambda c: c.duration)
+
+    def transcribe(clip):
+        try:
+            return client.audio.transcriptions.create(model="tiny.en", file=(clip.path.name, clip.data)).text
+        except openai.APIStatusError as e:
+            return e
+
+    with ThreadPoolExecutor(4 + 2 * len(ENGLISH_READ)) as pool:
+        holders = [pool.submit(transcribe, long) for _ in range(2 * MAX_QUEUE)]
+        # Only once both replicas hold their MAX_QUEUE long requests does the burst go out: the
+        # ingress decodes a long upload more slowly than short ones, which would otherwise
+        # overtake it and be the ones holding the replicas.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(h.done() for h in holders):
+            held = [_metric(httpx.get(f"http://{t['targets'][0]}/metrics", timeout=5).text, "whisper_queue_requests")
+                    for t in _model_targets(cluster)]
+            if len(held) == 2 and min(held) >= MAX_QUEUE:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the replicas were not seen holding the long requests")
+        burst = 2 * ENGLISH_READ  # more than Serve's queue can hold, all while the long ones run
+        answers = list(pool.map(transcribe, burst))
+        longs = [h.result() for h in holders]
+
+    refused = [a for a in answers if isinstance(a, openai.APIStatusError)]
+    # With every replica full, Serve queues about SERVE_QUEUED of the burst and refuses the rest
+    # (4 or 5 of 12 in the runs so far: its count is not exact while requests are being routed).
+    assert 0 < len(refused) < len(burst), [str(a)[:80] for a in answers]
+    for error in refused:
+        assert error.status_code == 503 and error.body["code"] == "server_overloaded", error.body
+        assert error.response.headers["retry-after"].isdigit()
+    for clip, text in zip(burst, answers):  # every request Serve kept gets its own clip's words
+        if not isinstance(text, openai.APIStatusError):
+            assert english_wer([clip.text], [text]) <= 0.2, (clip.id, text)
+    for text in longs:
+        assert not isinstance(text, openai.APIStatusError), text
+        assert english_wer([long.text], [text]) <= 0.15
 
 
 def test_a_killed_replica_fails_its_request_with_503_and_is_replaced(cluster, client):
