@@ -150,11 +150,20 @@ def test_lanes_run_batches_at_once_with_the_same_words(engine, read_audio, monke
     guard = threading.Lock()
     run_batch = engine.run_batch
 
+    overlap = threading.Event()  # set once two batches run at once
+    first = threading.Event()
+
     def watched(ref, task, windows, *args, **kwargs):
         with guard:
             running.append(any(w.word_timestamps for w in windows))
             seen["most"] = max(seen["most"], len(running))
             seen["timed_shared"] |= len(running) > 1 and any(running)
+            if len(running) > 1:
+                overlap.set()
+            wait = not first.is_set() and not running[-1]
+            first.set()
+        if wait:  # the first (untimed) batch holds its lane until a second starts: on a slow
+            overlap.wait(10)  # machine a batch can otherwise end before the next is dispatched
         try:
             return run_batch(ref, task, windows, *args, **kwargs)
         finally:
