@@ -74,6 +74,11 @@ def _metric(text: str, name: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
+def _queued(target: dict) -> float:
+    """Requests a model replica holds now (admitted to its scheduler), from its own metrics."""
+    return _metric(httpx.get(f"http://{target['targets'][0]}/metrics", timeout=5).text, "whisper_queue_requests")
+
+
 def test_transcribes_concurrently_through_serve(cluster, client):
     def transcribe(clip):
         return client.audio.transcriptions.create(model="tiny.en", file=(clip.path.name, clip.data)).text
@@ -139,8 +144,7 @@ def test_past_serves_queue_limit_requests_are_refused_with_503_and_others_keep_t
         # overtake it and be the ones holding the replicas.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any(h.done() for h in holders):
-            held = [_metric(httpx.get(f"http://{t['targets'][0]}/metrics", timeout=5).text, "whisper_queue_requests")
-                    for t in _model_targets(cluster)]
+            held = [_queued(t) for t in _model_targets(cluster)]
             if len(held) == 2 and min(held) >= MAX_QUEUE:
                 break
             time.sleep(0.05)
@@ -174,8 +178,7 @@ def test_a_killed_replica_fails_its_request_with_503_and_is_replaced(cluster, cl
         deadline = time.monotonic() + 30
         while busy is None and time.monotonic() < deadline and not pending.done():
             for target in _model_targets(cluster):
-                text = httpx.get(f"http://{target['targets'][0]}/metrics", timeout=5).text
-                if _metric(text, "whisper_queue_requests") >= 1:
+                if _queued(target) >= 1:
                     busy = target
             time.sleep(0.05)
         assert busy is not None, "the long request finished before a replica was seen holding it"
