@@ -215,6 +215,23 @@ def test_every_variant_decodes_in_batches(engine, read_audio, variant):
     assert english_wer([c.text for c in ENGLISH_READ[:4]], [t.text for t in texts]) < 0.10
 
 
+def test_a_row_that_runs_to_its_token_budget_fits_its_cache(engine, clips, monkeypatch):
+    """The self-attention cache holds the longest prefix plus the tokens a row feeds back, and a
+    shortened row feeds at most its budget less one: a row with a prompt that runs to a
+    7-token budget fills the cache to its last slot (one slot fewer is an IndexError)."""
+    monkeypatch.setattr(decoding, "BUDGET_BASE_TOKENS", 7)
+    monkeypatch.setattr(decoding, "BUDGET_TOKENS_PER_SECOND", 0)
+    model = engine.models.built(tiny("flash")).model
+    tokenizer = whisper.tokenizer.get_tokenizer(False)
+    samples = decode_audio(clips["jfk"].data).samples
+    mel = whisper.log_mel_spectrogram(torch.from_numpy(samples), model.dims.n_mels)
+    window = decoding.WindowInput(mel=mel, language="en", prompt=tokenizer.encode(" President Kennedy's inaugural address."))
+    with torch.inference_mode():
+        (output,), _ = decoding.decode_batch(model, tokenizer, [window], shorten_context=True, fused_attention=True)
+    assert output.guard_tripped and len(output.tokens) == 7
+    assert english_wer(["and so my fellow americans ask"], [output.text]) == 0  # a timestamp, then the clip's first words
+
+
 def test_dynamic_context_keeps_the_words(engine, read_audio):
     """The encoder over 15 s instead of 30 s: the encoder padding shrinks, the words stay
     (README: en_read WER 7.36 → 7.02 % for tiny.en)."""

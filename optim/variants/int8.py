@@ -45,7 +45,10 @@ one and of the old per-tensor one; `--shifts` (benchmarks/int8_shifts.md) for ho
 Two traps in openai-whisper: the logits are `x @ token_embedding.weight.T`, not a layer at all,
 so an int8 linear over the embedding matrix becomes the decoder's output projection; and the
 token embedding itself (used for look-ups only after that) is stored as int8 rows with one scale
-per row, which saves a further 3/4 of the largest matrix.
+per row, which saves a further 3/4 of the largest matrix. Both uses share one quantization of
+that matrix (`quantize_rows`), and its float copy is freed before fbgemm packs the projection:
+building base's int8 from the stored float16 weights peaked at 629 MB of RSS and now at 508 MB
+(one process each, /tmp-free harness in benchmarks/memory_profile/README.md).
 """
 
 from __future__ import annotations
@@ -97,23 +100,24 @@ def _quietly():
         yield
 
 
-def _quantized_rows(weight: Tensor, scales: Tensor) -> Tensor:
-    """qint8 with one scale per row (output channel), quantized block by block: the same values
-    as one `quantize_per_channel` over the whole matrix, which is row-independent."""
+# int8 values and one float32 scale per row (output channel): a weight matrix as quantized once.
+Rows = tuple[Tensor, Tensor]
+
+
+def quantize_rows(weight: Tensor) -> Rows:
+    """A float matrix as int8 rows with one scale each (max |w| / 127), block by block so that
+    the float32 copy a block needs stays small: the same values as one `quantize_per_channel`
+    over the whole matrix, which is row-independent."""
+    weight = weight.detach()  # float32, or float16 as stored
+    scales = torch.cat([weight[i : i + CHUNK_ROWS].float().abs().amax(dim=1) for i in range(0, len(weight), CHUNK_ROWS)])
+    scales = scales.clamp_(min=1e-8).div_(127)
+    values = torch.empty(weight.shape, dtype=torch.int8)
     zero_points = torch.zeros(len(scales), dtype=torch.long)
     with _quietly():
-        values = torch.cat([
-            torch.quantize_per_channel(
-                weight[i : i + CHUNK_ROWS].float(), scales[i : i + CHUNK_ROWS].double(), zero_points[i : i + CHUNK_ROWS], 0, torch.qint8
-            ).int_repr()
-            for i in range(0, len(weight), CHUNK_ROWS)
-        ])
-        return torch._make_per_channel_quantized_tensor(values, scales.double(), zero_points, 0)
-
-
-def _row_peaks(weight: Tensor) -> Tensor:
-    """max |w| of each row, in float32, block by block."""
-    return torch.cat([weight[i : i + CHUNK_ROWS].float().abs().amax(dim=1) for i in range(0, len(weight), CHUNK_ROWS)])
+        for i in range(0, len(weight), CHUNK_ROWS):
+            block = slice(i, i + CHUNK_ROWS)
+            values[block] = torch.quantize_per_channel(weight[block].float(), scales[block].double(), zero_points[block], 0, torch.qint8).int_repr()
+    return values, scales
 
 
 class Int8Linear(nn.Module):
@@ -121,13 +125,14 @@ class Int8Linear(nn.Module):
 
     qparams: tuple[float, int] = ROW_QPARAMS
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor] = None):
+    def __init__(self, weight: Tensor | Rows, bias: Optional[Tensor] = None):
         super().__init__()
-        weight = weight.detach()  # float32, or float16 as stored
-        scales = _row_peaks(weight).clamp(min=1e-8) / 127
+        values, scales = quantize_rows(weight) if isinstance(weight, Tensor) else weight
+        zero_points = torch.zeros(len(scales), dtype=torch.long)
         with _quietly():
-            self._packed = torch.ops.quantized.linear_prepack(_quantized_rows(weight, scales), None)
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+            qweight = torch._make_per_channel_quantized_tensor(values, scales.double(), zero_points, 0)
+            self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.in_features, self.out_features = values.shape[1], values.shape[0]
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     def forward(self, x: Tensor) -> Tensor:
@@ -164,15 +169,11 @@ class TwoPassInt8Linear(Int8Linear):
 class Int8Embedding(nn.Module):
     """Embedding rows stored as int8 with a per-row scale; a look-up dequantizes only its rows."""
 
-    def __init__(self, weight: Tensor):
+    def __init__(self, weight: Tensor | Rows):
         super().__init__()
-        weight = weight.detach()
-        scale = _row_peaks(weight)[:, None].clamp(min=1e-8) / 127
-        qweight = torch.empty(weight.shape, dtype=torch.int8)
-        for i in range(0, len(weight), CHUNK_ROWS):  # a float32 copy of one block at a time
-            qweight[i : i + CHUNK_ROWS] = torch.div(weight[i : i + CHUNK_ROWS].float(), scale[i : i + CHUNK_ROWS]).round_()
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scale", scale)
+        values, scales = quantize_rows(weight) if isinstance(weight, Tensor) else weight
+        self.register_buffer("qweight", values)
+        self.register_buffer("scale", scales[:, None])
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.qweight[tokens].float() * self.scale[tokens]
@@ -182,10 +183,14 @@ def apply_int8(model: Whisper) -> Whisper:
     if model.device.type != "cpu":
         raise ValueError("int8 uses PyTorch's CPU kernels (fbgemm); on CUDA use fp16")
     decoder = use_variant_decoder(model)
-    embedding = decoder.token_embedding.weight.detach()
-    decoder.output_projection = Int8Linear(embedding)  # the tied logits projection, as a layer
-    decoder.token_embedding = Int8Embedding(embedding)
-    del embedding
+    # The largest matrix (base: 51865 × 512), quantized once for both of its uses: the tied
+    # logits projection, as a layer, and the look-ups. Its float copy is freed before fbgemm
+    # packs the projection, which keeps the build's peak down (module doc).
+    rows = quantize_rows(decoder.token_embedding.weight)
+    decoder.token_embedding = Int8Embedding(rows)
+    release_freed_memory()
+    decoder.output_projection = Int8Linear(rows)
+    del rows
     # (parent, name) only, so that each float layer is freed as soon as it is replaced: building
     # from the stored float16 weights, the model never holds much more than the float16 copy.
     for parent, name in [(p, n) for p in model.modules() for n, c in p.named_children() if isinstance(c, nn.Linear)]:
