@@ -47,7 +47,7 @@ from loadtest.server import free_port, stop, wait_until_ready
 from loadtest.workload import WorkItem, build_workload
 from optim.accuracy import corpus_wer
 from optim.evaluation import EVAL_DIR, read_manifest
-from optim.memory import rss_mb
+from optim.memory import anonymous_mb, rss_mb
 from optim.scheduler import lanes
 
 MODEL = "base"
@@ -56,7 +56,7 @@ PEERS = ("faster-whisper int8", "faster-whisper batched int8", "openai-whisper",
 WORKLOADS = ("single", "longform", "16 clients")
 
 
-def _items(eval_dir: Path) -> dict[str, list[WorkItem]]:
+def workload_items(eval_dir: Path) -> dict[str, list[WorkItem]]:
     def from_set(name: str, count: int | None = None) -> list[WorkItem]:
         entries = [e for e in read_manifest(eval_dir / name / "manifest.jsonl") if e.get("text") and e.get("lang", "en") == "en"]
         folder = eval_dir / name
@@ -139,10 +139,13 @@ def _in_child(engine: str, items: list[WorkItem], threads: int, folder: Path) ->
 # ------------------------------------------------------------------------------------ the service
 
 
-def _service(workloads: dict[str, list[WorkItem]], threads: int) -> tuple[dict[str, dict], dict]:
+def service(workloads: dict[str, list[WorkItem]], threads: int, settings: dict[str, str] | None = None) -> tuple[dict[str, dict], dict]:
+    """The service over HTTP (`settings`: more of its environment), each workload in turn: texts,
+    seconds and peak RSS per workload; its memory after ready and after the last (VmRSS, and
+    RssAnon: the process's own pages, without the shared libraries' resident file pages)."""
     port = free_port()
     env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "MODELS": MODEL, "DEFAULT_MODEL": MODEL, "LOG_LEVEL": "warning",
-           "MAX_AUDIO_SECONDS": "3600"}
+           "MAX_AUDIO_SECONDS": "3600", **(settings or {})}
     # the service on `threads` cores, as it plans them itself (BATCH_LANES / TORCH_THREADS, when set, win: an A/B of lanes)
     given = [int(os.environ[k]) if os.environ.get(k) else None for k in ("BATCH_LANES", "TORCH_THREADS")]
     lanes_count, lane_threads = lanes.plan("cpu", threads, *given)
@@ -151,7 +154,7 @@ def _service(workloads: dict[str, list[WorkItem]], threads: int) -> tuple[dict[s
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(url, server, None)
-        memory = {"after_ready_mb": rss_mb(server.pid)[0]}
+        memory = {"after_ready_mb": rss_mb(server.pid)[0], "after_ready_anon_mb": anonymous_mb(server.pid)}
         results = {}
 
         async def run(items: list[WorkItem], concurrency: int):
@@ -166,7 +169,7 @@ def _service(workloads: dict[str, list[WorkItem]], threads: int) -> tuple[dict[s
                 raise RuntimeError(f"service: {len(failed)} failed requests in {name}: {failed[0].error}")
             by_id = {r.id: r.text for r in outcome.results}
             results[name] = {"texts": [by_id[i.id] for i in items], "seconds": outcome.wall_s, "peak_rss_mb": rss_mb(server.pid)[1]}
-        memory["after_run_mb"] = rss_mb(server.pid)[0]
+        memory.update(after_run_mb=rss_mb(server.pid)[0], after_run_anon_mb=anonymous_mb(server.pid))
         return results, memory
     finally:
         stop(server)
@@ -175,7 +178,7 @@ def _service(workloads: dict[str, list[WorkItem]], threads: int) -> tuple[dict[s
 # ------------------------------------------------------------------------------------ main
 
 
-def _row(engine: str, workload: str, items: list[WorkItem], result: dict) -> dict:
+def row(engine: str, workload: str, items: list[WorkItem], result: dict) -> dict:
     pairs = [(i.reference, t) for i, t in zip(items, result["texts"]) if i.reference]
     audio = sum(i.duration for i in items)
     return {
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(_child(job["engine"], job["audio"], job["threads"])))
         return
 
-    workloads = _items(args.eval_dir)
+    workloads = workload_items(args.eval_dir)
     if args.workloads:  # e.g. one workload's own peak memory, which the cumulative figure hides
         workloads = {name: workloads[name] for name in args.workloads.split(",")}
     scratch = Path(tempfile.mkdtemp(prefix="peers-"))  # the decoded clips the children read
@@ -214,11 +217,11 @@ def main(argv: list[str] | None = None) -> None:
 
             ggml_file(MODEL, Path(tempfile.gettempdir()) / "ggml", "q8_0")  # written here, not in a measured child
         if engine == "service":
-            results, service_memory = _service(workloads, args.threads)
+            results, service_memory = service(workloads, args.threads)
         else:
             results = {name: _in_child(engine, items, args.threads, scratch) for name, items in workloads.items() if _runs(engine, name)}
         for name, result in results.items():
-            rows.append(_row(engine, name, workloads[name], result))
+            rows.append(row(engine, name, workloads[name], result))
             print(json.dumps(rows[-1]), flush=True)
     result = {"machine": machine_info(), "model": MODEL, "threads": args.threads, "service_memory": service_memory, "notes": notes,
               "workloads": {k: {"requests": len(v), "audio_seconds": round(sum(i.duration for i in v), 1)} for k, v in workloads.items()},
