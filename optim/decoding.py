@@ -7,8 +7,12 @@ encoder always sees 30 s, and a finished row keeps being fed until the longest o
   always 3000 mel frames, when the caller asks for a shortened context. Each row's context is its
   own, not the batch's longest: a window's words do not depend on what shares its batch (a
   streamed request's first window, decoded alone, gets the words the whole file gets), and a
-  short window is not encoded over a long neighbour's padding. Rows of different contexts are
-  padded to the longest in the cross-attention, and a mask hides the padding;
+  short window is not encoded over a long neighbour's padding. The cross-attention, too, runs
+  over each row's own audio: rows are ordered by context, and each run of rows of one context
+  attends over its own keys/values. Padding them to the longest with a mask was not enough:
+  SDPA over 1000 positions of which 250 masked does not round as SDPA over 750 (base int8+flash:
+  "Panartes ... Subeacco" alone, "Panerks ... Subiaco" beside a 17-s window), and the padding
+  cost memory;
 * rows may carry prompts of different lengths: the prompt is right-padded, every row keeps
   its own position in a preallocated key/value cache, and a mask hides the padding;
 * cross-attention keys/values are computed once per batch and shared by language detection
@@ -171,8 +175,8 @@ def _encode(model: Whisper, mel: Tensor) -> Tensor:
 
 class KVCache:
     """Per-layer self-attention keys/values, (rows, capacity, width), each row at its own length,
-    and cross-attention keys/values, (rows, longest audio context, width), each row over its own
-    audio (`audio_mask`: which positions are real; None when every row has the same context)."""
+    and cross-attention keys/values per run of consecutive rows with one audio context
+    (`runs`: (first row, rows) of each; per layer one (rows, context, width) pair per run)."""
 
     def __init__(self, model: Whisper, rows: int, capacity: int, audio: list[Tensor], fused_attention: bool = False):
         decoder = model.decoder
@@ -184,7 +188,8 @@ class KVCache:
             (first.new_zeros(rows, capacity, width), first.new_zeros(rows, capacity, width)) for _ in decoder.blocks
         ]
         # cross-attention keys/values: computed once, shared by language detection and decoding
-        self.cross_kv, self.audio_mask = _cross_kv(decoder, audio)
+        self.runs = _runs([a.shape[0] for a in audio])
+        self.cross_kv = _cross_kv(decoder, audio, self.runs)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=first.device)
 
     def probe(self, rows: Tensor) -> "KVCache":
@@ -192,8 +197,9 @@ class KVCache:
         probe = KVCache.__new__(KVCache)
         probe.fused_attention = self.fused_attention
         probe.self_kv = [(k[rows, :1].clone(), v[rows, :1].clone()) for k, v in self.self_kv]
-        probe.cross_kv = [(k[rows], v[rows]) for k, v in self.cross_kv]
-        probe.audio_mask = None if self.audio_mask is None else self.audio_mask[rows]
+        picked = self._in_runs(rows.tolist())
+        probe.runs = _runs([run for run, local in enumerate(picked) for _ in local])
+        probe.cross_kv = [[(k[local], v[local]) for (k, v), local in zip(layer, picked) if local] for layer in self.cross_kv]
         probe.lengths = torch.zeros(len(rows), dtype=torch.long, device=rows.device)
         return probe
 
@@ -202,52 +208,67 @@ class KVCache:
         the first free slot of the same buffers, and the buffers are cut to the rows kept. An
         indexed copy (`k[rows]`) would hold a second set of every buffer while it is made: for 8
         rows of 30-s windows the cross-attention keys/values alone are 295 MB (base)."""
-        for slot, row in enumerate(rows):  # rows ascending, so slot ≤ row: a row is read before it is overwritten
-            if slot != row:
-                for k, v in (*self.self_kv, *self.cross_kv):
-                    k[slot].copy_(k[row])
-                    v[slot].copy_(v[row])
-        n = len(rows)
-        self.self_kv = [(k[:n], v[:n]) for k, v in self.self_kv]
-        self.cross_kv = [(k[:n], v[:n]) for k, v in self.cross_kv]
-        index = torch.tensor(rows, device=self.lengths.device)
-        self.lengths = self.lengths[index]
-        if self.audio_mask is not None:
-            self.audio_mask = self.audio_mask[index]
+        _compact(self.self_kv, rows)
+        self.self_kv = [(k[: len(rows)], v[: len(rows)]) for k, v in self.self_kv]
+        kept = self._in_runs(rows)
+        for layer in self.cross_kv:
+            for pair, local in zip(layer, kept):
+                _compact([pair], local)
+        self.cross_kv = [[(k[: len(local)], v[: len(local)]) for (k, v), local in zip(layer, kept) if local] for layer in self.cross_kv]
+        self.runs = _runs([run for run, local in enumerate(kept) for _ in local])
+        self.lengths = self.lengths[torch.tensor(rows, device=self.lengths.device)]
+
+    def _in_runs(self, rows: list[int]) -> list[list[int]]:
+        """`rows` (ascending) by run, as indices within their run."""
+        return [[i - start for i in rows if start <= i < start + n] for start, n in self.runs]
 
 
-def _cross_kv(decoder, audio: list[Tensor]) -> tuple[list[tuple[Tensor, Tensor]], Tensor | None]:
-    """Each decoder layer's cross-attention keys/values of every row's encoder output, and the
-    mask of the real audio positions (None when every row has the same context). Each group of
-    rows is projected over its own positions and written into the layer's buffers, so a row's
-    keys are the same as alone (a projection of padding could even be NaN: int8's per-row scale
-    of an all-zero row). On CPU a group is one row, as in the encoder: a whole batch's projection
-    temporaries (the int8 path's quantized input and int32 products, 24.6 MB each for eight 30-s
-    rows of base) were freed into the heap and held there, 270 MB beyond the 340 MB of the
-    buffers themselves; one row's are 3 MB."""
-    lengths = [a.shape[0] for a in audio]
-    longest, first = max(lengths), audio[0]
-    if first.device.type == "cpu":
-        groups = [[i] for i in range(len(audio))]
-    else:  # on a GPU, rows of one context in one call: fewer, larger kernels
-        groups = [[i for i, n in enumerate(lengths) if n == length] for length in sorted(set(lengths))]
-    stacked = [(torch.stack([audio[i] for i in rows]), torch.tensor(rows, device=first.device)) for rows in groups]
-    uniform = len(set(lengths)) == 1
+def _runs(keys: list) -> list[tuple[int, int]]:
+    """(first, count) of each run of equal consecutive keys."""
+    runs: list[tuple[int, int]] = []
+    for i, key in enumerate(keys):
+        if runs and keys[i - 1] == key:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
+
+def _compact(pairs: list[tuple[Tensor, Tensor]], rows: list[int]) -> None:
+    """Move `rows` (ascending) of every (k, v) down into the first slots, in place: slot ≤ row, so a
+    row is read before it is overwritten."""
+    for slot, row in enumerate(rows):
+        if slot != row:
+            for k, v in pairs:
+                k[slot].copy_(k[row])
+                v[slot].copy_(v[row])
+
+
+def _cross_kv(decoder, audio: list[Tensor], runs: list[tuple[int, int]]) -> list[list[tuple[Tensor, Tensor]]]:
+    """Each decoder layer's cross-attention keys/values, one (rows, context, width) pair per run of
+    rows with one context, each over its own positions. On CPU a row is projected at a time, as
+    in the encoder: a whole batch's projection temporaries (the int8 path's quantized input and
+    int32 products, 24.6 MB each for eight 30-s rows of base) were freed into the heap and held
+    there, 270 MB beyond the 340 MB of the buffers themselves; one row's are 3 MB. On a GPU a
+    run is one call: fewer, larger kernels."""
+    per_call = 1 if audio[0].device.type == "cpu" else len(audio)
     kv = []
     for block in decoder.blocks:
-        k = v = None
-        for x, index in stacked:
-            gk, gv = block.cross_attn.key(x), block.cross_attn.value(x)
-            if k is None:  # zeros where a shorter row has no audio (masked, but 0 × NaN is NaN)
-                new = gk.new_empty if uniform else gk.new_zeros
-                k, v = new(len(audio), longest, gk.shape[-1]), new(len(audio), longest, gv.shape[-1])
-            k[index, : x.shape[1]] = gk
-            v[index, : x.shape[1]] = gv
-        kv.append((k, v))
-    if uniform:
-        return kv, None
-    mask = torch.arange(longest, device=first.device)[None, :] < torch.tensor(lengths, device=first.device)[:, None]
-    return kv, mask
+        layer = []
+        for first, count in runs:
+            k = v = None
+            for j in range(0, count, per_call):
+                x = torch.stack(audio[first + j : first + min(count, j + per_call)])
+                gk, gv = block.cross_attn.key(x), block.cross_attn.value(x)
+                if len(gk) == count:  # the whole run in one call
+                    k, v = gk, gv
+                    break
+                if k is None:
+                    k, v = gk.new_empty(count, *gk.shape[1:]), gv.new_empty(count, *gv.shape[1:])
+                k[j : j + len(gk)], v[j : j + len(gv)] = gk, gv
+            layer.append((k, v))
+        kv.append(layer)
+    return kv
 
 
 def _attend(attn: MultiHeadAttention, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, fused: bool) -> Tensor:
@@ -270,19 +291,20 @@ def decoder_hidden(model: Whisper, tokens: Tensor, cache: KVCache, new_lengths: 
     rows, n = tokens.shape
     positions = cache.lengths[:, None] + torch.arange(n, device=tokens.device)
     positions = positions.clamp(max=decoder.positional_embedding.shape[0] - 1)
-    xa_dtype = cache.cross_kv[0][0].dtype
+    xa_dtype = cache.cross_kv[0][0][0].dtype
     x = (decoder.token_embedding(tokens) + decoder.positional_embedding[positions].to(xa_dtype)).to(xa_dtype)
     keys = int(cache.lengths.max()) + n
     mask = torch.arange(keys, device=tokens.device)[None, None, :] <= positions[:, :, None]  # causal, per row
-    audio_mask = None if cache.audio_mask is None else cache.audio_mask[:, None, :]  # each row's own audio
     row_index = torch.arange(rows, device=tokens.device)[:, None]
-    for block, (k_cache, v_cache), (ck, cv) in zip(decoder.blocks, cache.self_kv, cache.cross_kv):
+    for block, (k_cache, v_cache), cross_kv in zip(decoder.blocks, cache.self_kv, cache.cross_kv):
         attn, cross = block.attn, block.cross_attn
         h = block.attn_ln(x)
         k_cache[row_index, positions] = attn.key(h)
         v_cache[row_index, positions] = attn.value(h)
         x = x + attn.out(_attend(attn, attn.query(h), k_cache[:, :keys], v_cache[:, :keys], mask, cache.fused_attention))
-        x = x + cross.out(_attend(cross, cross.query(block.cross_attn_ln(x)), ck, cv, audio_mask, cache.fused_attention))
+        q = cross.query(block.cross_attn_ln(x))
+        runs = [_attend(cross, q[first : first + n], ck, cv, None, cache.fused_attention) for (first, n), (ck, cv) in zip(cache.runs, cross_kv)]
+        x = x + cross.out(runs[0] if len(runs) == 1 else torch.cat(runs))
         x = x + block.mlp(block.mlp_ln(x))
     cache.lengths = cache.lengths + new_lengths
     return decoder.ln(x)
@@ -372,6 +394,12 @@ def decode_batch(
     rows = len(windows)
     frames = [w.frames for w in windows]
     contexts = [audio_context(w.frames, shorten_context and not w.full_context) for w in windows]
+    order = sorted(range(rows), key=contexts.__getitem__)
+    if order != list(range(rows)):  # rows of one context together: one cross-attention run each (KVCache)
+        outputs, stats = decode_batch(model, tokenizer, [windows[i] for i in order], shorten_context, half, fused_attention, encoder_threads)
+        back = sorted(range(rows), key=order.__getitem__)  # where each window went
+        fields = (stats.encoder_frames, stats.content_frames, stats.decoder_steps)
+        return [outputs[i] for i in back], BatchStats(rows, *([values[i] for i in back] for values in fields))
     shortened = [c < N_FRAMES for c in contexts]
     with torch_threads(encoder_threads):
         audio = encode_windows(model, windows, contexts, dtype)

@@ -94,6 +94,35 @@ def test_dynamic_context_is_batch_invariant(engine, read_audio, variant):
 
 
 @pytest.mark.parametrize("variant", ["flash", "int8+flash"])
+def test_a_row_beside_a_longer_context_decodes_bitwise_as_alone(engine, clips, variant):
+    """Each run of rows of one context attends over its own cross-attention keys/values: a 15-s
+    context row beside a 30-s one gets, with int8, the very numbers it gets alone (tokens,
+    log-probability, no-speech probability), in either order. Padded to the longest under a mask, SDPA rounded
+    differently, and on base int8+flash a word changed (optim/decoding.py)."""
+    model = engine.models.built(tiny(variant)).model
+    tokenizer = whisper.tokenizer.get_tokenizer(False)
+    jfk = decode_audio(clips["jfk"].data).samples
+    long_samples = decode_audio(LONG_FORM[0].data).samples
+    start, end = max(split_at_pauses(long_samples), key=lambda cut: cut[1] - cut[0])
+    windows = [
+        decoding.WindowInput(mel=whisper.log_mel_spectrogram(torch.from_numpy(a), model.dims.n_mels), language="en")
+        for a in (jfk, long_samples[start:end])
+    ]
+    assert [audio_context(w.frames, True) for w in windows] == [1500, 3000]
+    fused = parse_variant(variant).fused_attention
+    with torch.inference_mode():
+        alone = [decoding.decode_batch(model, tokenizer, [w], True, fused_attention=fused)[0][0] for w in windows]
+        pair, stats = decoding.decode_batch(model, tokenizer, windows, True, fused_attention=fused)
+        swapped, _ = decoding.decode_batch(model, tokenizer, windows[::-1], True, fused_attention=fused)
+    assert stats.encoder_frames == [1500, 3000]
+    if variant == "int8+flash":  # every product row by row (optim/variants/int8.py): bitwise
+        assert pair == alone and swapped == alone[::-1]
+    else:  # float32 GEMMs round with the number of rows they multiply: the same tokens
+        assert [o.tokens for o in pair] == [o.tokens for o in alone] == [o.tokens for o in swapped[::-1]]
+    assert english_wer([clips["jfk"].text], [alone[0].text]) < 0.1
+
+
+@pytest.mark.parametrize("variant", ["flash", "int8+flash"])
 def test_a_batch_that_starts_alone_lends_its_encoder_the_idle_cores(engine, read_audio, monkeypatch, variant):
     """With two lanes of one thread, a batch that is all the work there is (no other batch
     running, no other request admitted) encodes on two threads (alone_encoder_threads); any
