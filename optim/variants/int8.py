@@ -47,8 +47,8 @@ so an int8 linear over the embedding matrix becomes the decoder's output project
 token embedding itself (used for look-ups only after that) is stored as int8 rows with one scale
 per row, which saves a further 3/4 of the largest matrix. Both uses share one quantization of
 that matrix (`quantize_rows`), and its float copy is freed before fbgemm packs the projection:
-building base's int8 from the stored float16 weights peaked at 629 MB of RSS and now at 508 MB
-(one process each, /tmp-free harness in benchmarks/memory_profile/README.md).
+building base's int8 from the stored float16 weights peaked at 629 MB of RSS before and 508 MB
+after, in one session (`python -m benchmarks.memory` measures the build in a fresh process).
 """
 
 from __future__ import annotations
