@@ -14,7 +14,8 @@ encoder always sees 30 s, and a finished row keeps being fed until the longest o
   "Panartes ... Subeacco" alone, "Panerks ... Subiaco" beside a 17-s window), and the padding
   cost memory;
 * rows may carry prompts of different lengths: the prompt is right-padded, every row keeps
-  its own position in a preallocated key/value cache, and a mask hides the padding;
+  its own position in a preallocated key/value cache, and each run of rows at one length
+  attends over its own keys, so that here too a row computes what it computes alone;
 * cross-attention keys/values are computed once per batch and shared by language detection
   and decoding;
 * a row leaves the batch as soon as it emits end-of-text, so finished rows cost nothing;
@@ -293,17 +294,29 @@ def decoder_hidden(model: Whisper, tokens: Tensor, cache: KVCache, new_lengths: 
     positions = positions.clamp(max=decoder.positional_embedding.shape[0] - 1)
     xa_dtype = cache.cross_kv[0][0][0].dtype
     x = (decoder.token_embedding(tokens) + decoder.positional_embedding[positions].to(xa_dtype)).to(xa_dtype)
-    keys = int(cache.lengths.max()) + n
-    mask = torch.arange(keys, device=tokens.device)[None, None, :] <= positions[:, :, None]  # causal, per row
+    # Self-attention per run of rows at one length with as many new tokens (decode_batch orders
+    # rows so), each over its own keys and queries only, as alone: SDPA over a longer neighbour's
+    # padding rounds differently (prompts of different lengths moved int8's log-probabilities).
+    lengths, new = cache.lengths.tolist(), new_lengths.tolist()
+    spans = [(slice(first, first + count), lengths[first] + new[first], new[first]) for first, count in _runs(list(zip(lengths, new)))]
+    masks = [torch.arange(keys, device=tokens.device)[None, None, :] <= positions[rows_, :m, None] for rows_, keys, m in spans]  # causal
     row_index = torch.arange(rows, device=tokens.device)[:, None]
     for block, (k_cache, v_cache), cross_kv in zip(decoder.blocks, cache.self_kv, cache.cross_kv):
         attn, cross = block.attn, block.cross_attn
         h = block.attn_ln(x)
         k_cache[row_index, positions] = attn.key(h)
         v_cache[row_index, positions] = attn.value(h)
-        x = x + attn.out(_attend(attn, attn.query(h), k_cache[:, :keys], v_cache[:, :keys], mask, cache.fused_attention))
+        q = attn.query(h)
+        if len(spans) == 1 and spans[0][2] == n:  # every row alike: one call over all of them
+            (_, keys, _), (mask,) = spans[0], masks
+            attended = _attend(attn, q, k_cache[:, :keys], v_cache[:, :keys], mask, cache.fused_attention)
+        else:  # padding positions stay zero: their outputs are never read
+            attended = torch.zeros_like(q)
+            for (rows_, keys, m), mask in zip(spans, masks):
+                attended[rows_, :m] = _attend(attn, q[rows_, :m], k_cache[rows_, :keys], v_cache[rows_, :keys], mask, cache.fused_attention)
+        x = x + attn.out(attended)
         q = cross.query(block.cross_attn_ln(x))
-        runs = [_attend(cross, q[first : first + n], ck, cv, None, cache.fused_attention) for (first, n), (ck, cv) in zip(cache.runs, cross_kv)]
+        runs = [_attend(cross, q[first : first + count], ck, cv, None, cache.fused_attention) for (first, count), (ck, cv) in zip(cache.runs, cross_kv)]
         x = x + cross.out(runs[0] if len(runs) == 1 else torch.cat(runs))
         x = x + block.mlp(block.mlp_ln(x))
     cache.lengths = cache.lengths + new_lengths
@@ -394,8 +407,9 @@ def decode_batch(
     rows = len(windows)
     frames = [w.frames for w in windows]
     contexts = [audio_context(w.frames, shorten_context and not w.full_context) for w in windows]
-    order = sorted(range(rows), key=contexts.__getitem__)
-    if order != list(range(rows)):  # rows of one context together: one cross-attention run each (KVCache)
+    prefixes = [_prefix_length(model, w) for w in windows]
+    order = sorted(range(rows), key=lambda i: (contexts[i], prefixes[i]))
+    if order != list(range(rows)):  # rows alike together: one attention call per run (KVCache, decoder_hidden)
         outputs, stats = decode_batch(model, tokenizer, [windows[i] for i in order], shorten_context, half, fused_attention, encoder_threads)
         back = sorted(range(rows), key=order.__getitem__)  # where each window went
         fields = (stats.encoder_frames, stats.content_frames, stats.decoder_steps)
@@ -411,7 +425,7 @@ def decode_batch(
     # SAMPLE_LEN - 1, or budget - 1 for a shortened row, which stops at its budget. Sized so,
     # not to SAMPLE_LEN for every row, 8 rows of 10-s windows hold 18 MB of it instead of 45 (base).
     most_tokens = max(min(b, SAMPLE_LEN) if short else SAMPLE_LEN for b, short in zip(budgets, shortened))
-    capacity = max(_prefix_length(model, w) for w in windows) + most_tokens - 1
+    capacity = max(prefixes) + most_tokens - 1
     cache = KVCache(model, rows, capacity, audio, fused_attention)
     del audio  # the cross-attention keys/values are all the decoder needs of the audio
     languages, no_speech, next_logits = _prefill(model, tokenizer, windows, cache)

@@ -40,16 +40,28 @@ def plan(device: str, cores: int, lanes: int | None = None, threads: int | None 
 class LaneGate:
     """The batches running on one model: any number share it, and one that asks to be alone
     (word timing: openai-whisper's installs hooks on the model and turns its SDPA off while it
-    runs) waits for the others to finish, and holds the rest back until it has. Event loop only."""
+    runs) waits for the others to finish, and holds the rest back until it has. From the
+    moment it waits, not only while it runs: a lane that kept taking new batches would otherwise
+    keep the count above zero, and a word-timing request could wait for the queue to drain.
+    Event loop only."""
 
     def __init__(self) -> None:
         self.running = 0
         self.alone = False
+        self.waiting_alone = 0
         self._changed = asyncio.Condition()
 
     async def enter(self, alone: bool) -> None:
         async with self._changed:
-            await self._changed.wait_for(lambda: not self.alone and (self.running == 0 or not alone))
+            if alone:
+                self.waiting_alone += 1
+                try:
+                    await self._changed.wait_for(lambda: not self.alone and self.running == 0)
+                finally:
+                    self.waiting_alone -= 1
+                    self._changed.notify_all()  # (if it gave up waiting, the ones it held back may go)
+            else:
+                await self._changed.wait_for(lambda: not self.alone and not self.waiting_alone)
             self.running += 1
             self.alone = alone
 
